@@ -1,0 +1,55 @@
+"""vpeft: parameter-efficient fine-tuning for pre-trained timm vision backbones."""
+
+__version__ = "0.1.0"
+
+from vpeft.anatomy import Anatomy, describe  # noqa: E402
+from vpeft.api import (  # noqa: E402
+    apply,
+    count_parameters,
+    count_trainable,
+    get_state,
+    list_methods,
+    load_adapter,
+    make_config,
+    merge,
+    read_adapter_config,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from vpeft.errors import (  # noqa: E402
+    AdapterMismatchError,
+    ConfigError,
+    NotMergeableError,
+    UnknownMethodError,
+    UnsupportedBackboneError,
+    VPeftError,
+)
+from vpeft.methods import Method, MethodConfig, get_method, register  # noqa: E402
+
+__all__ = [
+    "Anatomy",
+    "AdapterMismatchError",
+    "ConfigError",
+    "Method",
+    "MethodConfig",
+    "NotMergeableError",
+    "UnknownMethodError",
+    "UnsupportedBackboneError",
+    "VPeftError",
+    "apply",
+    "count_parameters",
+    "count_trainable",
+    "describe",
+    "get_method",
+    "get_state",
+    "list_methods",
+    "load_adapter",
+    "make_config",
+    "merge",
+    "read_adapter_config",
+    "register",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

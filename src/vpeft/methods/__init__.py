@@ -1,0 +1,17 @@
+"""Every PEFT method, one file each. Importing this package registers them all."""
+
+from vpeft.methods import (  # noqa: F401  (imported for registration)
+    adapter,
+    adaptformer,
+    bitfit,
+    full,
+    linear,
+    ln_tune,
+    lora,
+    partial_k,
+    ssf,
+    vpt,
+)
+from vpeft.methods.base import Method, MethodConfig, get_method, register, registered_methods
+
+__all__ = ["Method", "MethodConfig", "get_method", "register", "registered_methods"]

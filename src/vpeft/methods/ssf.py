@@ -1,0 +1,122 @@
+"""SSF: scale and shift the features after every linear, convolution and norm layer.
+
+Lian et al., "Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning",
+NeurIPS 2022. On a ViT: after qkv, proj, fc1, fc2, both norms of every block, the patch
+embedding and the final norm; y <- gamma * y + beta per channel. Because each layer before an
+SSF is linear in its output, merging folds gamma and beta into its weight and bias.
+The paper's code draws gamma ~ N(1, 0.02) and beta ~ N(0, 0.02); vpeft starts at the identity
+(gamma = 1, beta = 0) so the model is unchanged at step 0; ``init_std=0.02`` restores the code's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vpeft.anatomy import Anatomy
+from vpeft.errors import ConfigError, NotMergeableError
+from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, backbone_modules, option, register, replace_module
+from vpeft.modules import first_param
+
+
+@dataclass
+class SSFConfig(MethodConfig):
+    init_std: float = option(0.0, "std of the random init around gamma=1, beta=0 (0: exact identity; paper code: 0.02)")
+
+    def validate(self) -> None:
+        if self.init_std < 0:
+            raise ConfigError(f"ssf: init_std must be >= 0, got {self.init_std}")
+
+
+def _channel_dim(layer: nn.Module) -> int:
+    """1 for channels-first layers (conv, batch norm, timm's LayerNorm2d), -1 for channels-last."""
+    from timm.layers import LayerNorm2d
+
+    return 1 if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d, LayerNorm2d)) else -1
+
+
+def _channels(layer: nn.Module) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.out_channels
+    if isinstance(layer, nn.BatchNorm2d):
+        return layer.num_features
+    return int(layer.normalized_shape[-1])
+
+
+def _targets(model: nn.Module, anatomy: Anatomy) -> list[str]:
+    from timm.layers import BatchNormAct2d
+
+    names = []
+    for name, module in backbone_modules(model, anatomy):
+        if isinstance(module, BatchNormAct2d):
+            continue  # the activation inside would sit between the norm and the SSF; its conv gets one
+        if isinstance(module, nn.LayerNorm) and not module.elementwise_affine:
+            continue
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.BatchNorm2d)):
+            names.append(name)
+    return names
+
+
+class ScaleShift(BaseLayerWrapper):
+    """y = gamma * base(x) + beta, per output channel."""
+
+    def __init__(self, base_layer: nn.Module, init_std: float):
+        super().__init__(base_layer)
+        ref = first_param(base_layer)
+        channels = _channels(base_layer)
+        self.channel_dim = _channel_dim(base_layer)
+        self.scale = nn.Parameter(torch.ones(channels, device=ref.device, dtype=ref.dtype))
+        self.shift = nn.Parameter(torch.zeros(channels, device=ref.device, dtype=ref.dtype))
+        if init_std > 0:
+            nn.init.normal_(self.scale, 1.0, init_std)
+            nn.init.normal_(self.shift, 0.0, init_std)
+
+    def _view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.channel_dim == -1:
+            return t
+        return t.view(-1, *([1] * (ndim - 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y * self._view(self.scale, y.ndim) + self._view(self.shift, y.ndim)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = self.base_layer
+        return layer.weight, layer.bias
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        weight, bias = self._affine()
+        gamma = self.scale.view(-1, *([1] * (weight.ndim - 1)))
+        weight.mul_(gamma)
+        if bias is None:
+            if isinstance(self.base_layer, (nn.Linear, nn.Conv2d)):
+                self.base_layer.bias = nn.Parameter(torch.zeros_like(self.shift), requires_grad=False)
+                bias = self.base_layer.bias
+            else:
+                raise NotMergeableError(f"ssf: cannot merge into a bias-free {type(self.base_layer).__name__}")
+        bias.mul_(self.scale).add_(self.shift)
+
+    @torch.no_grad()
+    def unmerge_from_base(self) -> None:
+        weight, bias = self._affine()
+        bias.sub_(self.shift).div_(self.scale)
+        weight.div_(self.scale.view(-1, *([1] * (weight.ndim - 1))))
+
+
+@register
+class SSF(Method):
+    name = "ssf"
+    family = "partial/reparameterization"
+    paper = "Lian et al., SSF, NeurIPS 2022 (arXiv 2210.08823)"
+    backbones = ("vit", "swin", "cnn")
+    mergeable = True
+    config_class = SSFConfig
+
+    def inject(self, model: nn.Module, anatomy: Anatomy, config: SSFConfig) -> None:
+        for name in _targets(model, anatomy):
+            replace_module(model, name, ScaleShift(model.get_submodule(name), config.init_std))
