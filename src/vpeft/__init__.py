@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from vpeft.anatomy import Anatomy, describe  # noqa: E402
-from vpeft.api import (  # noqa: E402
+from vpeft.anatomy import Anatomy, describe
+from vpeft.api import (
     apply,
     count_parameters,
     count_trainable,
@@ -17,7 +17,7 @@ from vpeft.api import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
-from vpeft.errors import (  # noqa: E402
+from vpeft.errors import (
     AdapterMismatchError,
     ConfigError,
     NotMergeableError,
@@ -25,11 +25,11 @@ from vpeft.errors import (  # noqa: E402
     UnsupportedBackboneError,
     VPeftError,
 )
-from vpeft.methods import Method, MethodConfig, get_method, register  # noqa: E402
+from vpeft.methods import Method, MethodConfig, get_method, register
 
 __all__ = [
-    "Anatomy",
     "AdapterMismatchError",
+    "Anatomy",
     "ConfigError",
     "Method",
     "MethodConfig",

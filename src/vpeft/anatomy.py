@@ -159,19 +159,18 @@ def _describe_swin(model: nn.Module) -> Anatomy:
     )
 
 
-def _describe_cnn(model: nn.Module, stage_attrs: tuple[str, ...]) -> Anatomy:
+def _describe_cnn(model: nn.Module, stages: list[tuple[str, nn.Module]]) -> Anatomy:
+    """``stages``: (name, module) of each stage, whose children (or ``.blocks``) are the blocks."""
     blocks: list[BlockParts] = []
-    for attr in stage_attrs:
-        stages = getattr(model, attr)
-        for s, stage in enumerate(stages):
-            inner = stage.blocks if _has(stage, "blocks") else stage
-            inner_prefix = f"{attr}.{s}.blocks" if _has(stage, "blocks") else f"{attr}.{s}"
-            for b, block in enumerate(inner.children()):
-                name = f"{inner_prefix}.{b}"
-                parts = BlockParts(name=name, dim=0)
-                if _has(block, "mlp"):  # ConvNeXt blocks have an MLP
-                    parts = _transformer_block(name, block, 0)
-                blocks.append(parts)
+    for stage_name, stage in stages:
+        inner = stage.blocks if _has(stage, "blocks") else stage
+        inner_prefix = f"{stage_name}.blocks" if _has(stage, "blocks") else stage_name
+        for b, block in enumerate(inner.children()):
+            name = f"{inner_prefix}.{b}"
+            parts = BlockParts(name=name, dim=0)
+            if _has(block, "mlp"):  # ConvNeXt blocks have an MLP
+                parts = _transformer_block(name, block, 0)
+            blocks.append(parts)
     final = [n for n in ("head.norm", "bn2", "conv_head") if _get(model, n) is not None]
     stem = next((n for n in ("stem", "conv_stem", "conv1") if _has(model, n)), None)
     return Anatomy(
@@ -212,11 +211,11 @@ def describe(model: nn.Module) -> Anatomy:
     if isinstance(model, SwinTransformer):
         return _describe_swin(model)
     if isinstance(model, ResNet):
-        return _describe_cnn(model, ("layer1", "layer2", "layer3", "layer4"))
+        return _describe_cnn(model, [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)])
     if isinstance(model, ConvNeXt):
-        return _describe_cnn(model, ("stages",))
+        return _describe_cnn(model, [(f"stages.{i}", s) for i, s in enumerate(model.stages)])
     if isinstance(model, EfficientNet):
-        return _describe_cnn(model, ("blocks",))
+        return _describe_cnn(model, [(f"blocks.{i}", s) for i, s in enumerate(model.blocks)])
     raise UnsupportedBackboneError(
         f"vpeft does not know the anatomy of {type(model).__name__}. Supported timm families: "
         "VisionTransformer (ViT, DeiT, registers), SwinTransformer, ResNet, ConvNeXt, EfficientNet."

@@ -46,7 +46,9 @@ def get_state(model: nn.Module) -> PeftState | None:
 def _require_state(model: nn.Module, action: str) -> PeftState:
     state = get_state(model)
     if state is None:
-        raise VPeftError(f"cannot {action}: no vpeft method was applied to this model; call vpeft.apply(model, ...) first")
+        raise VPeftError(
+            f"cannot {action}: no vpeft method was applied to this model; call vpeft.apply(model, ...) first"
+        )
     return state
 
 
@@ -207,7 +209,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for name, param in wanted.items():
             if param.shape != tensors[name].shape:
-                raise AdapterMismatchError(f"'{name}': saved shape {tuple(tensors[name].shape)}, model {tuple(param.shape)}")
+                raise AdapterMismatchError(
+                    f"'{name}': saved shape {tuple(tensors[name].shape)}, model {tuple(param.shape)}"
+                )
             param.copy_(tensors[name])
     return model
 

@@ -9,6 +9,7 @@ the full-size delta weight is never built in the forward pass.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +36,15 @@ ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
 @dataclass
 class LoRAConfig(MethodConfig):
     rank: int = option(8, "rank r of the update B A")
-    alpha: float | None = option(None, "scaling numerator; the update is scaled by alpha / rank (default: alpha = rank)")
+    alpha: float | None = option(
+        None, "scaling numerator; the update is scaled by alpha / rank (default: alpha = rank)"
+    )
     dropout: float = option(0.0, "dropout on the LoRA branch's input")
-    targets: list[str] = option(
-        ["q", "v"],
+    targets: list[str] | None = option(
+        None,
         "layers to adapt: roles q, k, v (slices of a fused qkv), qkv, proj, fc1, fc2, or 're:<regex>' "
-        "matched against full module names (Linear or Conv2d)",
+        "matched against full module names (Linear or Conv2d). Default: q,v on transformers; "
+        "fc1,fc2 on CNN blocks with an MLP (ConvNeXt); every non-grouped conv inside the blocks of other CNNs",
     )
 
     def validate(self) -> None:
@@ -48,9 +52,9 @@ class LoRAConfig(MethodConfig):
             raise ConfigError(f"lora: rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout}")
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise ConfigError("lora: targets is empty; give at least one of " + ", ".join(ROLES))
-        for t in self.targets:
+        for t in self.targets or []:
             if t not in ROLES and not t.startswith("re:"):
                 raise ConfigError(f"lora: unknown target '{t}'; use one of {', '.join(ROLES)} or 're:<regex>'")
 
@@ -81,7 +85,7 @@ class LoRALinear(BaseLayerWrapper):
         h = self.dropout(x)
         if len(self.slices) == 1 and self.slices[0] == (0, self.base_layer.out_features):
             return out + F.linear(F.linear(h, self.lora_A[0]), self.lora_B[0]) * self.scaling
-        for (start, end), a, b in zip(self.slices, self.lora_A, self.lora_B):
+        for (start, end), a, b in zip(self.slices, self.lora_A, self.lora_B, strict=True):
             out[..., start:end] += F.linear(F.linear(h, a), b) * self.scaling
         return out
 
@@ -133,15 +137,30 @@ class LoRAConv2d(BaseLayerWrapper):
         self.base_layer.weight -= self.delta_weight()
 
 
+def default_targets(anatomy: Anatomy) -> list[str]:
+    if anatomy.family in ("vit", "swin"):
+        return ["q", "v"]
+    if all(b.fc1 is not None for b in anatomy.blocks):
+        return ["fc1", "fc2"]
+    blocks = "|".join(re.escape(b.name) for b in anatomy.blocks)
+    return [f"re:({blocks})\\..*"]
+
+
 def _resolve_targets(model: nn.Module, anatomy: Anatomy, targets: list[str]) -> dict[str, list[tuple[int, int]] | None]:
     """Map module name -> output slices to adapt (None: the whole layer)."""
     found: dict[str, list[tuple[int, int]] | None] = {}
     for target in targets:
         if target.startswith("re:"):
-            names = [n for n, m in backbone_modules(model, anatomy) if isinstance(m, (nn.Linear, nn.Conv2d))]
+            names = [
+                n
+                for n, m in backbone_modules(model, anatomy)
+                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+            ]
             matched = match_pattern(names, target[3:])
             if not matched:
-                raise ConfigError(f"lora: pattern '{target}' matches no Linear or Conv2d layer of {anatomy.architecture}")
+                raise ConfigError(
+                    f"lora: pattern '{target}' matches no Linear or Conv2d layer of {anatomy.architecture}"
+                )
             for name in matched:
                 found[name] = None
             continue
@@ -182,7 +201,8 @@ class LoRA(Method):
     config_class = LoRAConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LoRAConfig) -> None:
-        for name, slices in _resolve_targets(model, anatomy, config.targets).items():
+        targets = config.targets if config.targets is not None else default_targets(anatomy)
+        for name, slices in _resolve_targets(model, anatomy, targets).items():
             layer = model.get_submodule(name)
             if isinstance(layer, nn.Linear):
                 wrapper: nn.Module = LoRALinear(

@@ -17,7 +17,15 @@ from torch import nn
 
 from vpeft.anatomy import Anatomy
 from vpeft.errors import ConfigError, NotMergeableError
-from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, backbone_modules, option, register, replace_module
+from vpeft.methods.base import (
+    BaseLayerWrapper,
+    Method,
+    MethodConfig,
+    backbone_modules,
+    option,
+    register,
+    replace_module,
+)
 from vpeft.modules import first_param
 
 

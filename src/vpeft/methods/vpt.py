@@ -43,8 +43,19 @@ class VPTDeepConfig(VPTShallowConfig):
 class PromptedBlock(BaseLayerWrapper):
     """A transformer block that inserts, replaces or strips prompt tokens around the base block."""
 
-    def __init__(self, base_layer: nn.Module, *, offset: int, num_tokens: int, dim: int, init_bound: float,
-                 learn: bool, insert: bool, strip: bool, dropout: float):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        offset: int,
+        num_tokens: int,
+        dim: int,
+        init_bound: float,
+        learn: bool,
+        insert: bool,
+        strip: bool,
+        dropout: float,
+    ):
         super().__init__(base_layer)
         self.offset, self.num_tokens, self.insert, self.strip = offset, num_tokens, insert, strip
         if learn:
