@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from vpeft.anatomy import Anatomy
+from vpeft.config import option
 from vpeft.errors import ConfigError
-from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, option, register, replace_module
+from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
 from vpeft.modules import _ACTIVATIONS, Bottleneck, first_param
 
 

@@ -11,20 +11,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
 from vpeft.anatomy import Anatomy
+from vpeft.config import convert_options
 from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError
-
-
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A config field with help text (shown by ``vpeft methods --options``)."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
@@ -51,9 +45,7 @@ class MethodConfig:
                 f"unknown option(s) {unknown} for method '{cls.method}'; valid options: "
                 f"{valid or 'none (this method takes no options)'}"
             )
-        hints = typing.get_type_hints(cls)
-        converted = {k: _convert(cls.method, k, v, hints[k]) for k, v in options.items()}
-        return cls(**converted)
+        return cls(**convert_options(cls, cls.method, options))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,34 +55,6 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for out-of-range values. Override in subclasses."""
-
-
-def _convert(method: str, name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        hint = non_none[0]
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if origin in (list, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            inner = args[0] if args else str
-            return [_convert(method, name, item.strip() if isinstance(item, str) else item, inner) for item in items]
-        if hint is bool and isinstance(value, str):
-            lowered = value.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return lowered in ("true", "1", "yes")
-        if hint in (int, float) and isinstance(value, str):
-            return hint(value)
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-    except ValueError as exc:
-        raise ConfigError(f"option '{name}' of method '{method}' expects {hint}, got {value!r}") from exc
-    return value
 
 
 class Method:

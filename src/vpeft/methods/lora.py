@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpeft.anatomy import Anatomy
+from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
     BaseLayerWrapper,
@@ -24,7 +25,6 @@ from vpeft.methods.base import (
     MethodConfig,
     backbone_modules,
     match_pattern,
-    option,
     register,
     replace_module,
 )

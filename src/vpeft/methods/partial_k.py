@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from vpeft.anatomy import Anatomy
+from vpeft.config import option
 from vpeft.errors import ConfigError
-from vpeft.methods.base import Method, MethodConfig, option, register
+from vpeft.methods.base import Method, MethodConfig, register
 
 
 @dataclass

@@ -16,16 +16,9 @@ import torch
 from torch import nn
 
 from vpeft.anatomy import Anatomy
+from vpeft.config import option
 from vpeft.errors import ConfigError, NotMergeableError
-from vpeft.methods.base import (
-    BaseLayerWrapper,
-    Method,
-    MethodConfig,
-    backbone_modules,
-    option,
-    register,
-    replace_module,
-)
+from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, backbone_modules, register, replace_module
 from vpeft.modules import first_param
 
 

@@ -1,0 +1,133 @@
+"""Creating a backbone: a timm name (hub weights when online), a local weights file, or an embedded model."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vpeft.errors import VPeftError
+
+
+class BackboneError(VPeftError, ValueError):
+    """A model name or weights file cannot be used."""
+
+
+#: embedded backbones by name (``vpeft/...``): factory(num_classes, pretrained, **kwargs) -> model
+_EMBEDDED: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_embedded(name: str, factory: Callable[..., nn.Module]) -> None:
+    _EMBEDDED[name] = factory
+
+
+def embedded_names() -> list[str]:
+    return sorted(_EMBEDDED)
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    pretrained_file: str | None = None,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a classification model with a fresh ``num_classes`` head.
+
+    ``name``: a timm model name (``vit_base_patch16_224.augreg_in21k``; weights from the hub when
+    ``pretrained``), or an embedded backbone (``vpeft/...``). ``pretrained_file``: a local
+    ``.safetensors``, ``.pth``/``.bin`` (loaded with ``weights_only=True``) or Google ``.npz``.
+    """
+    import timm
+
+    if name.startswith("vpeft/"):
+        if name not in _EMBEDDED:
+            raise BackboneError(
+                f"unknown embedded backbone '{name}'; available: {', '.join(embedded_names()) or 'none'}"
+            )
+        return _EMBEDDED[name](num_classes=num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate, **kwargs)
+    if not timm.is_model(name.split(".")[0]):
+        raise BackboneError(
+            f"'{name}' is not a timm model name; see timm.list_models() or use an embedded vpeft/... name"
+        )
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    hub = pretrained and pretrained_file is None
+    try:
+        model = timm.create_model(name, pretrained=hub, num_classes=num_classes, **kwargs)
+    except Exception as exc:  # hub download failures surface as many exception types
+        if hub:
+            raise BackboneError(
+                f"could not load pretrained weights for '{name}' ({type(exc).__name__}: {exc}); "
+                "without internet pass --pretrained-file <local weights> or --no-pretrained"
+            ) from exc
+        raise
+    if pretrained_file is not None:
+        load_weights_file(model, pretrained_file)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file; never unpickles code (safetensors, or torch.load weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"'{path}' is not a weights file torch can load safely ({exc})") from exc
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"'{path}' holds a {type(state).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Load backbone weights into ``model``, leaving its (new) classifier head as initialised."""
+    from vpeft.anatomy import describe
+
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise BackboneError(f"{type(model).__name__} cannot read Google .npz checkpoints; convert to .safetensors")
+        model.load_pretrained(str(path))
+        return
+    state = read_state_dict(path)
+    module = sys.modules.get(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception:
+            pass
+    anatomy = describe(model)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not (anatomy.is_head_param(k) and k in own and own[k].shape != v.shape)}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not anatomy.is_head_param(k)]
+    if missing:
+        raise BackboneError(
+            f"'{path}' does not fit {anatomy.architecture}: {len(missing)} backbone tensors missing, "
+            f"e.g. {missing[:3]}; check the model name matches the weights"
+        )
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

@@ -1,0 +1,58 @@
+"""Config dataclass helpers shared by methods and the trainer: fields with help, typed option parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import field
+from typing import Any
+
+from vpeft.errors import ConfigError
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text (shown by ``vpeft methods --options`` and ``--help``)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def convert_options(cls: type, owner: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Convert every option to the type its dataclass field declares; unknown names raise."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for '{owner}'; valid options: {names}")
+    return {k: convert_value(owner, k, v, hints[k]) for k, v in options.items()}
+
+
+def convert_value(owner: str, name: str, value: Any, hint: Any) -> Any:
+    """Convert a value (often a command-line string) to a field's type hint."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        hint = non_none[0]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if origin in (list, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            inner = args[0] if args else str
+            return [
+                convert_value(owner, name, item.strip() if isinstance(item, str) else item, inner) for item in items
+            ]
+        if hint is bool and isinstance(value, str):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return lowered in ("true", "1", "yes")
+        if hint in (int, float) and isinstance(value, str):
+            return hint(value)
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    except ValueError as exc:
+        raise ConfigError(f"option '{name}' of '{owner}' expects {hint}, got {value!r}") from exc
+    return value
