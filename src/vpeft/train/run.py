@@ -1,0 +1,256 @@
+"""One run of the protocol: a backbone, a method, a task, a seed -> an adapter and a result record.
+
+Protocol modes (VPT / V-PETL Bench):
+- ``tune``: train on ``train`` (train800), report accuracy on ``val`` (val200); used to pick lr/wd.
+- ``final``: train on ``trainval`` (train800val200), report ``test`` accuracy of the final epoch.
+Nothing is ever chosen on test data: test images are read once, after training ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+import vpeft
+from vpeft.backbones import create_backbone, file_digest
+from vpeft.config import option
+from vpeft.data import ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
+from vpeft.errors import ConfigError
+from vpeft.metrics import ppt
+from vpeft.train.trainer import TrainConfig, Trainer, TrainingDivergedError
+
+RESULT = "result.json"
+MODES = ("tune", "final")
+RECORD_VERSION = 1
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines one run. Serialised as ``config.yaml`` in the run folder."""
+
+    model: str = option("vpeft/vit-mini", "timm model name, or an embedded vpeft/... backbone")
+    data: str = option("", "dataset spec: vtab1k:<dir>, fgvc:<dir>, folder:<dir>, mini:<task>")
+    model_args: dict[str, Any] = option({}, "keyword arguments for timm.create_model (e.g. img_size: 384)")
+    method: str = option("lora", "registered PEFT method (vpeft methods)")
+    options: dict[str, Any] = option({}, "the method's options")
+    mode: str = option("final", "tune: train -> val; final: train+val -> test")
+    preset: str | None = option(None, "transform preset vtab or fgvc (default: fgvc for fgvc data, else vtab)")
+    pretrained: bool = option(True, "start from pretrained weights (hub, file or embedded)")
+    pretrained_file: str | None = option(None, "local weights: .safetensors, .pth, or Google .npz")
+    num_classes: int | None = option(None, "override the task's class count")
+    skip_bad_images: bool = option(False, "skip images that are missing or cannot be decoded, and count them")
+    cache_images: str = option(
+        "auto", "keep decoded inputs in memory: auto (when the transform is deterministic), on, off"
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.cache_images not in ("auto", "on", "off"):
+            raise ConfigError(f"cache_images must be auto, on or off, got '{self.cache_images}'")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _datasets(spec: RunSpec, task: Task, model: torch.nn.Module) -> tuple[ImageDataset, ImageDataset]:
+    preset = spec.preset or ("fgvc" if task.kind == "fgvc" else "vtab")
+    cfg = input_config(model)
+    train_split, eval_split = ("train", "val") if spec.mode == "tune" else ("trainval", "test")
+    out = []
+    for split, train in ((train_split, True), (eval_split, False)):
+        geometry, normalize = build_transform(cfg, preset, train)
+        cache = spec.cache_images == "on" or (spec.cache_images == "auto" and is_deterministic(preset, train))
+        out.append(
+            ImageDataset(
+                task.split(split),
+                geometry,
+                normalize=normalize,
+                skip_bad_images=spec.skip_bad_images,
+                cache=cache and (train or spec.mode == "tune" or len(task.split(split)) <= 50_000),
+            )
+        )
+    return out[0], out[1]
+
+
+def build_model(spec: RunSpec, num_classes: int) -> torch.nn.Module:
+    """The backbone with the method applied; seeded so a run's initialisation is reproducible."""
+    seed_everything(spec.train.seed)
+    model = create_backbone(
+        spec.model,
+        num_classes,
+        pretrained=spec.pretrained,
+        pretrained_file=spec.pretrained_file,
+        drop_path_rate=spec.train.drop_path,
+        **spec.model_args,
+    )
+    return vpeft.apply(model, spec.method, **spec.options)
+
+
+def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate one run; write the adapter, ``config.yaml`` and ``result.json`` to ``out_dir``.
+
+    Bad input (data, options, model) raises before anything is written. A diverged run writes a
+    record with ``status: failed`` and the reason, then raises :class:`TrainingDivergedError`.
+    """
+    out = Path(out_dir)
+    vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
+    task = load_task(spec.data, spec.num_classes)
+    model = build_model(spec, spec.num_classes or task.num_classes)
+    train_set, eval_set = _datasets(spec, task, model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULT).unlink(missing_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    trainer = Trainer(model, spec.train, out, progress=progress)
+    base = _record_base(spec, task, model)
+    if spec.train.device == "auto" and trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainer.device)
+    started = time.time()
+    try:
+        history = trainer.fit(train_set, eval_set if spec.mode == "tune" else None, resume=resume)
+    except TrainingDivergedError as exc:
+        write_json_atomic(out / RESULT, {**base, "status": "failed", "error": str(exc)})
+        raise
+    accuracy = history[-1].val_acc if spec.mode == "tune" else trainer.evaluate(eval_set)
+    vpeft.save_adapter(model, out)
+    memory, memory_kind = trainer.peak_memory_mb()
+    record = {
+        **base,
+        "status": "ok",
+        "eval_split": "val" if spec.mode == "tune" else "test",
+        "selection": "final_epoch",
+        "selected_epoch": history[-1].epoch,
+        "top1": 100.0 * accuracy,
+        "ppt": ppt(accuracy, base["trainable_params"]),
+        "train_seconds": trainer.train_seconds,
+        "wall_seconds": time.time() - started,
+        "images_per_s": trainer.images_seen / max(trainer.train_seconds, 1e-9),
+        "peak_memory_mb": memory,
+        "memory_kind": memory_kind,
+        "final_train_loss": history[-1].train_loss,
+        "skipped_images": len(train_set.skipped) + len(eval_set.skipped),
+        "device": str(trainer.device),
+    }
+    write_json_atomic(out / RESULT, record)
+    trainer.remove_checkpoint()
+    return record
+
+
+def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str, Any]:
+    state = vpeft.get_state(model)
+    weights = {"pretrained": spec.pretrained, "digest": state.identity["weights"]}
+    if spec.pretrained_file:
+        weights["file"] = spec.pretrained_file
+        weights["file_sha256"] = file_digest(spec.pretrained_file)
+    import timm
+
+    return {
+        "record_version": RECORD_VERSION,
+        "method": spec.method,
+        "options": state.config.to_dict(),
+        "model": spec.model,
+        "architecture": state.identity["architecture"],
+        "weights": weights,
+        "task": task.name,
+        "data": spec.data,
+        "num_classes": task.num_classes if spec.num_classes is None else spec.num_classes,
+        "seed": spec.train.seed,
+        "mode": spec.mode,
+        "epochs": spec.train.epochs,
+        "lr": spec.train.lr,
+        "wd": spec.train.weight_decay,
+        "train": dataclasses.asdict(spec.train),
+        "train_size": len(task.split("train" if spec.mode == "tune" else "trainval")),
+        "trainable_params": vpeft.count_trainable(model, include_head=False),
+        "trainable_params_with_head": vpeft.count_trainable(model, include_head=True),
+        "total_params": vpeft.count_parameters(model),
+        "versions": {
+            "vpeft": vpeft.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
+        "git_commit": git_commit(),
+        "host": platform.node(),
+    }
+
+
+def evaluate_adapter(
+    model_name: str,
+    adapter_dir: str | Path,
+    data: str,
+    *,
+    split: str = "test",
+    pretrained: bool = True,
+    pretrained_file: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    preset: str | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Accuracy of a saved adapter on a split of a task."""
+    saved = vpeft.read_adapter_config(adapter_dir)
+    num_classes = saved["backbone"]["num_classes"]
+    task = load_task(data, num_classes)
+    run_config = Path(adapter_dir) / "config.yaml"
+    if run_config.is_file():  # the run's seed: a --no-pretrained backbone gets the same random weights
+        seed_everything(int((yaml.safe_load(run_config.read_text()) or {}).get("train", {}).get("seed", 0)))
+    model = create_backbone(
+        model_name, num_classes, pretrained=pretrained, pretrained_file=pretrained_file, **(model_args or {})
+    )
+    vpeft.load_adapter(model, adapter_dir)
+    preset = preset or ("fgvc" if task.kind == "fgvc" else "vtab")
+    geometry, normalize = build_transform(input_config(model), preset, train=False)
+    dataset = ImageDataset(task.split(split), geometry, normalize=normalize)
+    trainer = Trainer(
+        model, TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch_size, device=device), progress=False
+    )
+    accuracy = trainer.evaluate(dataset)
+    return {
+        "task": task.name,
+        "split": split,
+        "top1": 100.0 * accuracy,
+        "images": len(dataset),
+        "method": saved["method"],
+    }
