@@ -48,6 +48,8 @@ def create_backbone(
     import timm
 
     if name.startswith("vpeft/"):
+        import vpeft.assets.mini  # noqa: F401  (registers vpeft/vit-mini)
+
         if name not in _EMBEDDED:
             raise BackboneError(
                 f"unknown embedded backbone '{name}'; available: {', '.join(embedded_names()) or 'none'}"

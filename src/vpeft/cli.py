@@ -1,4 +1,4 @@
-"""The ``vpeft`` command line: methods, params, train, eval."""
+"""The ``vpeft`` command line: methods, params, tasks, train, eval, bench, report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import vpeft
 from vpeft.errors import ConfigError, VPeftError
@@ -157,6 +158,94 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    if args.suite != "mini":
+        raise ConfigError(f"`vpeft tasks` lists the embedded suite only; unknown suite '{args.suite}' (use: mini)")
+    from vpeft.assets.mini import suite_sheet
+
+    sheet = suite_sheet()
+    rows = [
+        [
+            name,
+            t["group"],
+            t["num_classes"],
+            t["sizes"]["train"],
+            t["sizes"]["val"],
+            t["sizes"]["test"],
+            t["description"],
+        ]
+        for name, t in sheet["tasks"].items()
+    ]
+    print(f"mini suite: {len(rows)} tasks, {sheet['image_size']}x{sheet['image_size']} px; use --data mini:<task>")
+    print(format_table(rows, ["task", "group", "classes", "train", "val", "test", "what"]))
+    return 0
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vpeft.bench import SweepPlan, check_manifest, choose_lr_wd, load_suite, run_jobs
+    from vpeft.bench.sweep import parse_method_options
+    from vpeft.report import write_report
+
+    suite = load_suite(args.suite, args.root, _csv(args.tasks) or None)
+    methods = _csv(args.methods) or suite.defaults["methods"]
+    for m in methods:
+        vpeft.get_method(m)  # unknown method: error listing the valid ones
+    train = {
+        ("weight_decay" if k == "wd" else k): getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None
+    }
+    try:
+        seeds = [int(s) for s in _csv(args.seeds)] or [0]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got '{args.seeds}'") from None
+    out = Path(args.out or f"results/bench-{args.suite}")
+    plan = SweepPlan(
+        suite=suite, model=args.model or suite.defaults["model"], methods=methods, seeds=seeds, mode=args.mode,
+        out=out, train_overrides=train, option_overrides=parse_method_options(args.opt, methods),
+        pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,
+    )  # fmt: skip
+    for job in plan.final_jobs()[:: max(1, len(seeds))]:  # validate every method's options before running anything
+        vpeft.make_config(job.method, **job.spec.options)
+    check_manifest(plan)
+    executor = None
+    if args.executor == "ray":
+        raise ConfigError("--executor ray is not built yet (issue: scale out); use the default local executor")
+    n_tasks, n_runs = len(suite.tasks), len(methods) * len(suite.tasks) * len(seeds)
+    print(f"V-PEFT Bench: suite {suite.name} ({n_tasks} tasks), model {plan.model}, {len(methods)} methods, "
+          f"seeds {seeds}, mode {args.mode}: {n_runs} runs -> {out}")  # fmt: skip
+    chosen = None
+    try:
+        if args.tune:
+            print(f"tuning lr/wd on val: grid {plan.tune_grid()}")
+            run_jobs(plan.tune_jobs(), executor)
+            chosen = choose_lr_wd(plan)
+        counts = run_jobs(plan.final_jobs(chosen), executor)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept in {out}; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"sweep: {counts['done']} run, {counts['skipped']} already finished, {counts['failed']} failed")
+    if counts["done"] + counts["skipped"] == 0:
+        print("no finished runs to report", file=sys.stderr)
+        return 1
+    paths = write_report(out)
+    print()
+    print(paths["markdown"].read_text())
+    print(f"leaderboard: {paths['markdown']} and {paths['csv']}; Pareto plot: {paths['plot']}")
+    return 0 if counts["failed"] == 0 else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from vpeft.report import write_report
+
+    paths = write_report(args.out)
+    print(paths["markdown"].read_text())
+    print(f"leaderboard: {paths['markdown']} and {paths['csv']}; Pareto plot: {paths['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpeft", description=vpeft.__doc__)
     parser.add_argument("--version", action="version", version=f"vpeft {vpeft.__version__}")
@@ -168,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (built from random weights)")
     p.add_argument("--num-classes", type=int, default=100, help="classes of the classifier head")
     p.set_defaults(func=_cmd_params)
+
+    p = sub.add_parser("tasks", help="list the tasks of the embedded mini suite")
+    p.add_argument("suite", nargs="?", default="mini", help="suite name (mini)")
+    p.set_defaults(func=_cmd_tasks)
 
     p = sub.add_parser("train", help="train one method on one task (tune: train->val, final: train+val->test)")
     p.add_argument("-c", "--config", help="YAML file with run options; command-line flags override it")
@@ -191,6 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"training {key}")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("bench", help="a resumable sweep over methods x tasks x seeds, then the leaderboard")
+    p.add_argument("--suite", default="mini", help="mini (embedded, default), vtab1k or fgvc")
+    p.add_argument("--root", help="folder holding the suite's tasks (vtab1k, fgvc)")
+    p.add_argument("--model", help="backbone (default: the suite's, vpeft/vit-mini for mini)")
+    p.add_argument("--methods", help="comma-separated methods (default: the suite's list)")
+    p.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--mode", default="final", choices=["tune", "final"], help="protocol mode of the runs")
+    p.add_argument("--tune", action="store_true", help="first pick lr/wd per (method, task) on val")
+    p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--out", help="output folder (default results/bench-<suite>)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"], help="where runs execute")
+    p.add_argument("--no-pretrained", action="store_true", help="random-init backbone (baseline)")
+    p.add_argument("--pretrained-file", help="local backbone weights")
+    for key, kind in _TRAIN_FLAGS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"override training {key}")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="leaderboard (Markdown, CSV) and Pareto plot of a bench folder")
+    p.add_argument("out", help="the bench output folder")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("eval", help="accuracy of a saved adapter on a task split")
     p.add_argument("--model", required=True, help="the backbone the adapter was trained on")
     p.add_argument("--adapter", required=True, help="run folder holding adapter.safetensors")
@@ -209,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except VPeftError as exc:
+    except (VPeftError, FileNotFoundError) as exc:
         print(f"vpeft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -51,6 +51,13 @@ class Task:
     num_classes: int
     splits: dict[str, list[Sample]]
     class_names: list[str] = field(default_factory=list)
+    #: how to open a sample's image; in-memory tasks (the mini suite) supply their own
+    read: Callable[[str], Image.Image] = field(default=None, repr=False)  # type: ignore[assignment]
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.read is None:
+            self.read = decode_image
 
     def split(self, name: str) -> list[Sample]:
         if name not in self.splits:
@@ -187,6 +194,8 @@ LOADERS: dict[str, Callable[..., Task]] = {"vtab1k": load_vtab1k, "fgvc": load_f
 
 def load_task(spec: str, num_classes: int | None = None) -> Task:
     """Parse a dataset spec ``kind:path`` and load the task."""
+    import vpeft.assets.mini  # noqa: F401  (registers the embedded mini suite as "mini")
+
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise DataError(f"dataset spec '{spec}' should be kind:path, with kind one of {', '.join(LOADERS)}")
@@ -240,8 +249,10 @@ class ImageDataset(Dataset):
         skip_bad_images: bool = False,
         cache: bool = False,
         normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        read: Callable[[str], Image.Image] | None = None,
     ):
         self.transform = transform
+        self.read = read or decode_image
         self.normalize = normalize
         self.skipped: list[str] = []
         self.samples = samples
@@ -255,7 +266,7 @@ class ImageDataset(Dataset):
         kept = []
         for path, label in samples:
             try:
-                decode_image(path)
+                self.read(path)
             except BadImageError:
                 self.skipped.append(path)
                 continue
@@ -263,7 +274,7 @@ class ImageDataset(Dataset):
         return kept
 
     def _load(self, path: str) -> torch.Tensor:
-        img = decode_image(path)
+        img = self.read(path)
         return self.transform(img) if self.transform is not None else img
 
     def __len__(self) -> int:

@@ -109,6 +109,7 @@ def _datasets(spec: RunSpec, task: Task, model: torch.nn.Module) -> tuple[ImageD
                 normalize=normalize,
                 skip_bad_images=spec.skip_bad_images,
                 cache=cache and (train or spec.mode == "tune" or len(task.split(split)) <= 50_000),
+                read=task.read,
             )
         )
     return out[0], out[1]
@@ -242,7 +243,7 @@ def evaluate_adapter(
     vpeft.load_adapter(model, adapter_dir)
     preset = preset or ("fgvc" if task.kind == "fgvc" else "vtab")
     geometry, normalize = build_transform(input_config(model), preset, train=False)
-    dataset = ImageDataset(task.split(split), geometry, normalize=normalize)
+    dataset = ImageDataset(task.split(split), geometry, normalize=normalize, read=task.read)
     trainer = Trainer(
         model, TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch_size, device=device), progress=False
     )

@@ -1,0 +1,1 @@
+"""Assets shipped inside the package: the mini suite and the pre-trained mini ViT."""
