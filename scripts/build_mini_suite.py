@@ -64,7 +64,9 @@ def load_animals() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
 
 
-def load_opencv_digits(path: str = "/usr/share/doc/opencv-doc/examples/data/digits.png") -> tuple[np.ndarray, np.ndarray]:
+def load_opencv_digits(
+    path: str = "/usr/share/doc/opencv-doc/examples/data/digits.png",
+) -> tuple[np.ndarray, np.ndarray]:
     sheet = np.asarray(Image.open(path).convert("L"))  # 50 rows x 100 columns of 20x20 digits, 5 rows per class
     cells = sheet.reshape(50, 20, 100, 20).transpose(0, 2, 1, 3).reshape(-1, 20, 20)
     labels = np.repeat(np.arange(10), 500)
@@ -181,6 +183,13 @@ TASKS = {
 }  # fmt: skip
 
 
+def deduplicate(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Drop exact pixel duplicates (keep the first), so no test image also appears in train or val."""
+    _, first = np.unique(images.reshape(len(images), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    return images[keep], labels[keep], len(images) - len(keep)
+
+
 def split_indices(n: int, rng: np.random.Generator) -> np.ndarray:
     """0 train, 1 val, 2 test, 255 unused; a seeded permutation."""
     order = rng.permutation(n)
@@ -194,12 +203,16 @@ def split_indices(n: int, rng: np.random.Generator) -> np.ndarray:
 def build(out: Path) -> dict:
     arrays, sheet = {}, {"seed": SEED, "image_size": SIZE, "channels": 1, "tasks": {}}
     for i, (name, (group, loader, source, licence, description)) in enumerate(TASKS.items()):
-        images, labels = loader()
+        images, labels, dropped = deduplicate(*loader())
         codes = split_indices(len(images), np.random.default_rng(SEED + 100 + i))
         keep = codes != 255
         images, labels, codes = images[keep], labels[keep], codes[keep]
         assert images.shape[1:] == (SIZE, SIZE) and images.dtype == np.uint8, (name, images.shape)
-        arrays[f"{name}/images"], arrays[f"{name}/labels"], arrays[f"{name}/split"] = images, labels.astype(np.int16), codes
+        arrays[f"{name}/images"], arrays[f"{name}/labels"], arrays[f"{name}/split"] = (
+            images,
+            labels.astype(np.int16),
+            codes,
+        )
         num_classes = int(labels.max()) + 1
         counts = {
             split: np.bincount(labels[codes == c], minlength=num_classes).tolist()
@@ -208,6 +221,7 @@ def build(out: Path) -> dict:
         sheet["tasks"][name] = {
             "group": group, "num_classes": num_classes, "description": description, "source": source,
             "licence": licence, "sizes": {k: int(sum(v)) for k, v in counts.items()}, "per_class": counts,
+            "duplicates_dropped": dropped,
         }  # fmt: skip
         print(f"{name:15s} {group:12s} classes={num_classes:2d} sizes={sheet['tasks'][name]['sizes']}")
     out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +238,8 @@ def datasheet(sheet: dict) -> str:
         "",
         "Small VTAB-1k-shaped tasks built by `scripts/build_mini_suite.py` (seed "
         f"{sheet['seed']}): {SIZE}x{SIZE} grayscale uint8 images, 800 train / 200 val / up to 1,000 test per",
-        "task, drawn by a seeded permutation. None overlaps the mini ViT's pre-training data (Fashion-MNIST).",
+        "task, drawn by a seeded permutation after dropping exact duplicate images (so no test image is also a",
+        "train or val image). None overlaps the mini ViT's pre-training data (Fashion-MNIST).",
         "",
         "| task | group | classes | train | val | test | source | licence |",
         "|---|---|---|---|---|---|---|---|",

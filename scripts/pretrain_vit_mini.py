@@ -110,7 +110,11 @@ def pretrain(out: Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "vit_mini.safetensors"), metadata={"recipe": json.dumps(RECIPE)})
-    card = {"recipe": RECIPE, "fashion_mnist_test_top1": round(100 * acc, 2), "train_seconds": round(time.time() - started)}
+    card = {
+        "recipe": RECIPE,
+        "fashion_mnist_test_top1": round(100 * acc, 2),
+        "train_seconds": round(time.time() - started),
+    }
     (out / "vit_mini.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
 

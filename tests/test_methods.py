@@ -18,7 +18,7 @@ METHODS = [m["name"] for m in vpeft.list_methods()]
 #: methods whose papers start from the unchanged model
 IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep"}
 #: which (method, backbone) pairs must refuse, beyond the method's declared families
-REFUSED = {("ln_tune", "resnet"), ("ln_tune", "efficientnet")}
+REFUSED = {("ln_tune", "resnet"), ("ln_tune", "efficientnet"), ("dora", "resnet"), ("dora", "efficientnet")}
 
 
 def applies(method: str, backbone: str) -> bool:
@@ -161,6 +161,11 @@ def _vit_b():
         ("vpt_shallow", dict(num_tokens=100), 100 * 768),
         ("vpt_deep", dict(num_tokens=50), 12 * 50 * 768),
         ("linear", {}, 0),
+        ("dora", {}, 294_912 + 12 * 2 * 768),
+        ("repadapter", {}, 12 * 2 * (768 * 8 + 8 + 4 * 768 + 768)),
+        ("convpass", {}, 12 * 2 * (768 * 8 + 8 + 8 * 8 * 9 + 8 + 8 * 768 + 768)),
+        ("fact_tt", dict(rank=16), 2 * 768 * 16 + 12 * 12 * 16 * 16),
+        ("fact_tk", dict(rank=32), 2 * 768 * 32 + 32**3 + 12 * 12 * 32),
     ],
 )
 def test_vit_b16_counts(method: str, options: dict, expected: int) -> None:
@@ -189,6 +194,11 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         "vpt_shallow": 100 * d,
         "vpt_deep": depth * 50 * d,
         "linear": 0,
+        "dora": depth * 2 * 2 * d * 8 + depth * 2 * d,
+        "repadapter": depth * 2 * (d * 8 + 8 + 4 * d + d),
+        "convpass": depth * 2 * (d * 8 + 8 + 8 * 8 * 9 + 8 + 8 * d + d),
+        "fact_tt": 2 * d * 16 + depth * (3 + 1 + 2 + 2) * 16 * 16,
+        "fact_tk": 2 * d * 32 + 32**3 + depth * (3 + 1 + 2 + 2) * 32,
         "partial_k": (4 * d * d + 3 * d + d + 2 * d * hidden + hidden + d + 4 * d) + 2 * d,
     }
 

@@ -243,6 +243,7 @@ def merge(model: nn.Module) -> nn.Module:
         object.__setattr__(base, _MERGED_ATTR, wrapper)
         replace_module(model, name, base)
         names.append(name)
+    impl.after_merge(model)
     state.merged, state.merged_names = True, names
     return model
 
@@ -252,6 +253,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     state = _require_state(model, "unmerge")
     if not state.merged:
         return model
+    get_method(state.method).before_unmerge(model)
     for name in state.merged_names:
         base = model.get_submodule(name)
         wrapper = getattr(base, _MERGED_ATTR)

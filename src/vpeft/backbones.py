@@ -48,6 +48,7 @@ def create_backbone(
     import timm
 
     if name.startswith("vpeft/"):
+        import vpeft.assets.efficientnet
         import vpeft.assets.mini  # noqa: F401  (registers vpeft/vit-mini)
 
         if name not in _EMBEDDED:

@@ -79,6 +79,12 @@ class Method:
     def inject(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig) -> None:
         raise NotImplementedError
 
+    def after_merge(self, model: nn.Module) -> None:
+        """Called after every wrapper was folded: remove any module the method added at the model's root."""
+
+    def before_unmerge(self, model: nn.Module) -> None:
+        """Called before the wrappers are restored: put back what :meth:`after_merge` removed."""
+
     def merge(self, model: nn.Module) -> None:
         """Fold the method into the backbone. Selection methods have nothing to fold."""
         if not self.mergeable:

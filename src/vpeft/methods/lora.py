@@ -146,7 +146,7 @@ def default_targets(anatomy: Anatomy) -> list[str]:
     return [f"re:({blocks})\\..*"]
 
 
-def _resolve_targets(model: nn.Module, anatomy: Anatomy, targets: list[str]) -> dict[str, list[tuple[int, int]] | None]:
+def resolve_targets(model: nn.Module, anatomy: Anatomy, targets: list[str]) -> dict[str, list[tuple[int, int]] | None]:
     """Map module name -> output slices to adapt (None: the whole layer)."""
     found: dict[str, list[tuple[int, int]] | None] = {}
     for target in targets:
@@ -202,7 +202,7 @@ class LoRA(Method):
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LoRAConfig) -> None:
         targets = config.targets if config.targets is not None else default_targets(anatomy)
-        for name, slices in _resolve_targets(model, anatomy, targets).items():
+        for name, slices in resolve_targets(model, anatomy, targets).items():
             layer = model.get_submodule(name)
             if isinstance(layer, nn.Linear):
                 wrapper: nn.Module = LoRALinear(
