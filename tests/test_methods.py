@@ -16,7 +16,7 @@ from conftest import BACKBONES, NUM_CLASSES, make_backbone, make_input
 
 METHODS = [m["name"] for m in vpeft.list_methods()]
 #: methods whose papers start from the unchanged model
-IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep"}
+IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep", "prefix", "mona"}
 #: which (method, backbone) pairs must refuse, beyond the method's declared families
 REFUSED = {("ln_tune", "resnet"), ("ln_tune", "efficientnet"), ("dora", "resnet"), ("dora", "efficientnet")}
 
@@ -199,6 +199,8 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         "convpass": depth * 2 * (d * 8 + 8 + 8 * 8 * 9 + 8 + 8 * d + d),
         "fact_tt": 2 * d * 16 + depth * (3 + 1 + 2 + 2) * 16 * 16,
         "fact_tk": 2 * d * 32 + 32**3 + depth * (3 + 1 + 2 + 2) * 32,
+        "mona": depth * 2 * (4 * d + d * 64 + 64 + 64 * (9 + 25 + 49) + 3 * 64 + 64 * 64 + 64 + 64 * d + d),
+        "prefix": depth * 10 * d + d * 512 + 512 + 512 * 2 * d + 2 * d,
         "partial_k": (4 * d * d + 3 * d + d + 2 * d * hidden + hidden + d + 4 * d) + 2 * d,
     }
 
@@ -301,3 +303,35 @@ def test_partial_k_trains_last_blocks_and_final_norm() -> None:
     names = set(vpeft.trainable_parameters(model, include_head=False))
     assert all(n.startswith(("blocks.1.", "norm.")) for n in names)
     assert "norm.weight" in names and "blocks.1.attn.qkv.weight" in names
+
+
+@pytest.mark.parametrize("reparameterize", [True, False])
+def test_prefix_attention_matches_reference(reparameterize: bool) -> None:
+    """Attention over [prefix; tokens], computed naively from the layer's own weights."""
+    model = vpeft.apply(make_backbone("vit_reg_cls"), "prefix", num_tokens=4, reparameterize=reparameterize).eval()
+    _perturb_trainable(model)
+    wrapper = model.blocks[0].attn
+    attn, (pk, pv) = wrapper.base_layer, model.vpeft_prefix.layer(0)
+    x = torch.randn(2, 21, 48)
+    h, hd = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(2, 21, 3, h, hd).permute(2, 0, 3, 1, 4)
+    k = torch.cat([pk.reshape(1, 4, h, hd).transpose(1, 2).expand(2, -1, -1, -1), k], dim=2)
+    v = torch.cat([pv.reshape(1, 4, h, hd).transpose(1, 2).expand(2, -1, -1, -1), v], dim=2)
+    weights = (q @ k.transpose(-1, -2) / hd**0.5).softmax(-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 21, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mona_branch_sees_the_residual_stream() -> None:
+    """Mona after attention equals y + delta(y) with y = x + attn(norm1(x)), computed by hand."""
+    base = make_backbone("vit")
+    model = vpeft.apply(copy.deepcopy(base), "mona", dropout=0.0).eval()
+    x = torch.randn(2, 17, 48)
+    block, ref = model.blocks[0], base.blocks[0]
+    with torch.no_grad():
+        y = x + ref.attn(ref.norm1(x))
+        y = y + block.attn.branch(y)
+        y = y + ref.mlp(ref.norm2(y))
+        y = y + block.mlp.branch(y)
+        torch.testing.assert_close(block(x), y, rtol=1e-5, atol=1e-5)

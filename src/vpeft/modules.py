@@ -37,6 +37,33 @@ class Bottleneck(nn.Module):
         return self.up(self.dropout(self.act(self.down(x))))
 
 
+class Stash:
+    """Carries a sub-block's input (the residual stream before its norm) to a wrapper of that sub-block."""
+
+    tensor: torch.Tensor | None = None
+
+    def take(self, shape: torch.Size, method: str) -> torch.Tensor:
+        x, self.tensor = self.tensor, None
+        if x is None or x.shape != shape:
+            raise RuntimeError(
+                f"{method}: the sub-block ran without its norm first; this block layout is not supported"
+            )
+        return x
+
+
+class InputTap(nn.Module):
+    """Wraps the norm before a sub-block and records the norm's input (the residual stream)."""
+
+    def __init__(self, base_layer: nn.Module, stash: Stash):
+        super().__init__()
+        self.base_layer = base_layer
+        self.stash = stash
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.stash.tensor = x
+        return self.base_layer(x)
+
+
 def first_param(module: nn.Module) -> torch.Tensor:
     """A parameter of ``module`` to take device and dtype from."""
     return next(module.parameters())

@@ -18,7 +18,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
-from vpeft.modules import _ACTIVATIONS, Bottleneck, first_param
+from vpeft.modules import _ACTIVATIONS, Bottleneck, InputTap, Stash, first_param
 
 
 @dataclass
@@ -35,37 +35,17 @@ class AdaptFormerConfig(MethodConfig):
             raise ConfigError(f"adaptformer: act must be one of {list(_ACTIVATIONS)}, got '{self.act}'")
 
 
-class _Stash:
-    """Carries the MLP sub-block's input from its norm to the MLP wrapper within one forward."""
-
-    tensor: torch.Tensor | None = None
-
-
-class InputTap(BaseLayerWrapper):
-    """Wraps the norm before the MLP and records its input for the parallel branch."""
-
-    def __init__(self, base_layer: nn.Module, stash: _Stash):
-        super().__init__(base_layer)
-        self.stash = stash
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.stash.tensor = x
-        return self.base_layer(x)
-
-
 class ParallelAdapter(BaseLayerWrapper):
     """Wraps the MLP: mlp(norm(x)) + s * bottleneck(x)."""
 
-    def __init__(self, base_layer: nn.Module, dim: int, config: AdaptFormerConfig, stash: _Stash):
+    def __init__(self, base_layer: nn.Module, dim: int, config: AdaptFormerConfig, stash: Stash):
         super().__init__(base_layer)
         self.adapter = Bottleneck(dim, config.bottleneck, config.act, config.dropout, like=first_param(base_layer))
         self.scale = config.scale
         self.stash = stash
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x, self.stash.tensor = self.stash.tensor, None
-        if x is None or x.shape != h.shape:
-            raise RuntimeError("adaptformer: the MLP ran without its norm first; this block layout is not supported")
+        x = self.stash.take(h.shape, "adaptformer")
         return self.base_layer(h) + self.scale * self.adapter(x)
 
 
@@ -79,7 +59,7 @@ class AdaptFormer(Method):
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: AdaptFormerConfig) -> None:
         for block in anatomy.blocks:
-            stash = _Stash()
+            stash = Stash()
             replace_module(model, block.norm2, InputTap(model.get_submodule(block.norm2), stash))
             mlp = model.get_submodule(block.mlp)
             replace_module(model, block.mlp, ParallelAdapter(mlp, block.dim, config, stash))
