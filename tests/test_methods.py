@@ -201,6 +201,12 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         "fact_tk": 2 * d * 32 + 32**3 + depth * (3 + 1 + 2 + 2) * 32,
         "mona": depth * 2 * (4 * d + d * 64 + 64 + 64 * (9 + 25 + 49) + 3 * 64 + 64 * 64 + 64 + 64 * d + d),
         "prefix": depth * 10 * d + d * 512 + 512 + 512 * 2 * d + 2 * d,
+        "lst": depth * (4 * 6 + 6 * 18 + 18 + 6 * 6 + 6 + 6 * 24 + 24 + 24 * 6 + 6)
+        + depth * (d * 6 + 6)
+        + depth
+        + 2 * 6
+        + 6 * d
+        + d,
         "partial_k": (4 * d * d + 3 * d + d + 2 * d * hidden + hidden + d + 4 * d) + 2 * d,
     }
 
@@ -335,3 +341,14 @@ def test_mona_branch_sees_the_residual_stream() -> None:
         y = y + ref.mlp(ref.norm2(y))
         y = y + block.mlp.branch(y)
         torch.testing.assert_close(block(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_lst_builds_no_backward_graph_through_the_backbone() -> None:
+    model = vpeft.apply(make_backbone("vit"), "lst").train()
+    _perturb_trainable(model)
+    outputs = []
+    for block in model.blocks:
+        block.base_layer.register_forward_hook(lambda m, a, out: outputs.append(out))
+    model(make_input()).sum().backward()
+    assert len(outputs) == 2 and all(o.grad_fn is None and not o.requires_grad for o in outputs)
+    assert model.vpeft_lst.down[0].weight.grad is not None and model.vpeft_lst.alpha.grad is not None

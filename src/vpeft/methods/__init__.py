@@ -11,6 +11,7 @@ from vpeft.methods import (  # noqa: F401  (imported for registration)
     linear,
     ln_tune,
     lora,
+    lst,
     mona,
     partial_k,
     prefix,
