@@ -19,12 +19,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff check src tests scripts benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 lint: install
-	$(PY) -m ruff check src tests scripts
-	$(PY) -m ruff format --check src tests scripts
+	$(PY) -m ruff check src tests scripts benchmarks
+	$(PY) -m ruff format --check src tests scripts benchmarks
 
 bench: install
 	$(VENV)/bin/vpeft params --model vit_base_patch16_224

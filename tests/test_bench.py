@@ -218,3 +218,19 @@ def test_bad_suite_task_method_root(tmp_path, capsys) -> None:
     assert "method.key=value" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_process_executor_gives_the_same_records(suite, tmp_path) -> None:
+    from vpeft.bench.sweep import process_executor
+
+    local = _plan(suite, tmp_path / "local", methods=("bitfit",), seeds=(0,))
+    parallel = _plan(suite, tmp_path / "parallel", methods=("bitfit",), seeds=(0,))
+    run_jobs(local.final_jobs(), log=lambda _: None)
+    counts = run_jobs(parallel.final_jobs(), executor=process_executor(2, threads_per_job=1), log=lambda _: None)
+    assert counts["done"] == 2 and counts["failed"] == 0
+    a, b = _records(tmp_path / "local"), _records(tmp_path / "parallel")
+    assert [(r["method"], r["task"], r["seed"], r["status"]) for r in a] == [
+        (r["method"], r["task"], r["seed"], r["status"]) for r in b
+    ]
+    for ra, rb in zip(a, b, strict=True):
+        assert abs(ra["final_train_loss"] - rb["final_train_loss"]) < 1e-3

@@ -213,6 +213,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     executor = None
     if args.executor == "ray":
         raise ConfigError("--executor ray is not built yet (issue: scale out); use the default local executor")
+    if args.jobs > 1:
+        from vpeft.bench.sweep import process_executor
+
+        executor = process_executor(args.jobs)
     n_tasks, n_runs = len(suite.tasks), len(methods) * len(suite.tasks) * len(seeds)
     print(f"V-PEFT Bench: suite {suite.name} ({n_tasks} tasks), model {plan.model}, {len(methods)} methods, "
           f"seeds {seeds}, mode {args.mode}: {n_runs} runs -> {out}")  # fmt: skip
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="METHOD.KEY=VALUE", help="method option, repeatable")
     p.add_argument("--out", help="output folder (default results/bench-<suite>)")
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="where runs execute")
+    p.add_argument("--jobs", type=int, default=1, help="local runs in parallel, in worker processes (CPU: cores)")
     p.add_argument("--no-pretrained", action="store_true", help="random-init backbone (baseline)")
     p.add_argument("--pretrained-file", help="local backbone weights")
     for key, kind in _TRAIN_FLAGS.items():

@@ -1,0 +1,132 @@
+"""Training-step time and memory of every method relative to full fine-tuning, measured in one process.
+
+    python benchmarks/step_time.py [--model vit_small_patch16_224 --img 112 --batch 16 --rounds 7]
+
+Methods are timed in interleaved rounds (one step of each method per round) and the median is
+reported, so machine noise hits all methods alike and the ratios hold. Memory: on CUDA the peak
+allocated memory of a step; on CPU the bytes autograd saves for the backward pass plus gradients
+and AdamW state of the trainable parameters (deterministic, where process RSS is not).
+With Hugging Face peft installed, its LoRA (same rank, targets and head) is timed alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import timm
+import torch
+
+import vpeft
+
+DEFAULT_METHODS = ["full", "linear", "bitfit", "ln_tune", "partial_k", "lora", "dora", "ssf", "adapter",
+                   "adaptformer", "vpt_shallow", "vpt_deep", "convpass", "repadapter", "fact_tt", "fact_tk",
+                   "mona", "prefix", "lst"]  # fmt: skip
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd keeps for the backward pass (each storage once)."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+
+def build(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img)
+    if name == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        head = vpeft.describe(model).heads
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=head))
+    elif name == "vpeft_lora_qkv":
+        vpeft.apply(model, "lora", rank=8, targets=["qkv"])
+    else:
+        vpeft.apply(model, name)
+    model = model.to(args.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def step(model, opt, x, y) -> None:
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def memory_of(model, opt, x, y, device: str) -> float:
+    """MB: CUDA peak of a step, or on CPU saved activations + grads + AdamW state."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step(model, opt, x, y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    with SavedBytes() as saved:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    return (sum(saved.storages.values()) + 3 * trainable) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--img", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    names = args.methods.split(",")
+    try:
+        import peft  # noqa: F401
+
+        names += ["vpeft_lora_qkv", "peft_lora"]
+    except ImportError:
+        print("(peft not installed: pip install peft to time its LoRA alongside)")
+    x = torch.randn(args.batch, 3, args.img, args.img, device=args.device)
+    y = torch.randint(0, 100, (args.batch,), device=args.device)
+    built = {}
+    for name in names:
+        try:
+            built[name] = build(name, args)
+        except vpeft.VPeftError as exc:
+            print(f"skip {name}: {exc}")
+    memory = {n: memory_of(m, o, x, y, args.device) for n, (m, o) in built.items()}
+    times: dict[str, list[float]] = {n: [] for n in built}
+    for m, o in built.values():  # warm-up
+        step(m, o, x, y)
+    for _ in range(args.rounds):
+        for n, (m, o) in built.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step(m, o, x, y)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t)
+    median = {n: statistics.median(ts) for n, ts in times.items()}
+    print(f"{args.model} at {args.img}px, batch {args.batch}, {args.device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds")  # fmt: skip
+    print("| method | step ms | step / full | memory MB | memory / full |")
+    print("|---|---|---|---|---|")
+    for n in built:
+        print(f"| {n} | {1000 * median[n]:.1f} | {median[n] / median['full']:.2f} | {memory[n]:.0f} | "
+              f"{memory[n] / memory['full']:.2f} |")  # fmt: skip
+    if "peft_lora" in median:
+        print(f"\nvpeft LoRA / peft LoRA step time (rank 8 on qkv, same head): "
+              f"{median['vpeft_lora_qkv'] / median['peft_lora']:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
