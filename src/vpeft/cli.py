@@ -136,6 +136,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     spec = _spec_from_args(args)
     record = run(spec, args.out, resume=args.resume, progress=not args.quiet)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        if record.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", 0)) != 0:
+            return 0
     print(
         f"{record['method']} on {record['task']} ({record['mode']}, {record['eval_split']}): "
         f"top-1 {record['top1']:.2f}%, trainable {record['trainable_params']:,} (w/o head), "

@@ -140,10 +140,12 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
     task = load_task(spec.data, spec.num_classes)
     model = build_model(spec, spec.num_classes or task.num_classes)
     train_set, eval_set = _datasets(spec, task, model)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT).unlink(missing_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     trainer = Trainer(model, spec.train, out, progress=progress)
+    main_process = trainer.dist.is_main  # under torchrun only rank 0 writes
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESULT).unlink(missing_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     base = _record_base(spec, task, model)
     if spec.train.device == "auto" and trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -151,10 +153,12 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
     try:
         history = trainer.fit(train_set, eval_set if spec.mode == "tune" else None, resume=resume)
     except TrainingDivergedError as exc:
-        write_json_atomic(out / RESULT, {**base, "status": "failed", "error": str(exc)})
+        if main_process:
+            write_json_atomic(out / RESULT, {**base, "status": "failed", "error": str(exc)})
         raise
     accuracy = history[-1].val_acc if spec.mode == "tune" else trainer.evaluate(eval_set)
-    vpeft.save_adapter(model, out)
+    if main_process:
+        vpeft.save_adapter(model, out)
     memory, memory_kind = trainer.peak_memory_mb()
     record = {
         **base,
@@ -172,9 +176,11 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
         "final_train_loss": history[-1].train_loss,
         "skipped_images": len(train_set.skipped) + len(eval_set.skipped),
         "device": str(trainer.device),
+        "world_size": trainer.dist.world,
     }
-    write_json_atomic(out / RESULT, record)
-    trainer.remove_checkpoint()
+    if main_process:
+        write_json_atomic(out / RESULT, record)
+        trainer.remove_checkpoint()
     return record
 
 

@@ -84,10 +84,63 @@ def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` job (world 1 without one)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def distributed_from_env() -> Distributed:
+    return Distributed(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    )
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group torchrun set up: nccl on CUDA, gloo on CPU."""
+    dist = distributed_from_env()
+    if dist.world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", distributed_from_env().local_rank)
+        return torch.device("cpu")
     return torch.device(name)
+
+
+class ShardedShuffle(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, strided over ranks: rank r takes positions r, r + world, ...
+
+    With per-rank batches of B / world, the union of the ranks' i-th batches is exactly the i-th
+    batch of B of a single process using the same permutation, so a torchrun run and a 1-process
+    run with the same global batch and seed see the same batches.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.size, self.seed, self.epoch, self.rank, self.world, self.shuffle = size, seed, epoch, rank, world, shuffle
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self._order()[self.rank :: self.world])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world))
 
 
 def set_train_mode(model: nn.Module) -> None:
@@ -115,6 +168,11 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if cfg.batch_size % self.dist.world:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} (the global batch) is not divisible by the {self.dist.world} processes"
+            )
         self.model = model.to(self.device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
@@ -125,7 +183,14 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.train_forward: nn.Module = self.model
+        if self.dist.world > 1:  # DDP buckets hold only parameters that require grad: the trainable ones
+            self.train_forward = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if cfg.compile:
+            self.train_forward = torch.compile(self.train_forward)
         self.history: list[EpochStats] = []
         self.train_seconds = 0.0
         self.images_seen = 0
@@ -144,12 +209,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _loader(self, dataset: Dataset, shuffle: bool, epoch: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        """Training: this rank's share of a seeded shuffle, per-rank batch = global batch / world.
+        Evaluation: every rank reads the whole split in order (the numbers are identical on every rank)."""
+        world, rank = (self.dist.world, self.dist.rank) if shuffle else (1, 0)
+        sampler = ShardedShuffle(len(dataset), self.cfg.seed, epoch, rank, world, shuffle)
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            batch_size=self.cfg.batch_size // world,
+            sampler=sampler,
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
@@ -159,7 +226,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, epoch: int) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {
@@ -201,7 +268,7 @@ class Trainer:
     # ------------------------------------------------------------ logging
 
     def _log(self, stats: EpochStats) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "log.jsonl", "a") as f:
@@ -225,7 +292,7 @@ class Trainer:
         """Train for ``cfg.epochs``; evaluate on ``val_set`` per ``eval_every`` and after the last epoch."""
         cfg = self.cfg
         start = self._load_checkpoint() if resume else 0
-        if not resume and self.out_dir is not None and (self.out_dir / "log.jsonl").exists():
+        if not resume and self.dist.is_main and self.out_dir is not None and (self.out_dir / "log.jsonl").exists():
             (self.out_dir / "log.jsonl").unlink()
         steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
         total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
@@ -253,10 +320,16 @@ class Trainer:
                 group["lr"] = lr
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.forward(x)
+                logits = self.train_forward(x)
                 loss = self.criterion(logits.float(), y)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            finite = math.isfinite(loss_value)
+            if self.dist.world > 1:  # every rank stops together, none waits in an all-reduce
+                flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                finite = bool(flag.item())
+                loss_value = loss_value if math.isfinite(loss_value) else float("nan")
+            if not finite:
                 raise TrainingDivergedError(
                     f"the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; lower the learning rate "
                     f"(now {lr:.3g}) or set clip_grad"
@@ -284,12 +357,16 @@ class Trainer:
                     loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}"
                 )
         seconds = time.perf_counter() - start
+        if self.dist.world > 1:  # epoch statistics over the global batch
+            totals = torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
         self.train_seconds += seconds
         self.images_seen += seen
         return EpochStats(epoch + 1, lr, loss_sum / max(1, seen), correct / max(1, seen), seen / seconds, seconds)
 
     def _bar(self, iterable, desc: str):
-        if not self.progress:
+        if not self.progress or not self.dist.is_main:
             return iterable
         from tqdm.auto import tqdm
 
