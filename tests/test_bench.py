@@ -221,7 +221,7 @@ def test_bad_suite_task_method_root(tmp_path, capsys) -> None:
 
 
 def test_process_executor_gives_the_same_records(suite, tmp_path) -> None:
-    from vpeft.bench.sweep import process_executor
+    from vpeft.bench.executors import process_executor
 
     local = _plan(suite, tmp_path / "local", methods=("bitfit",), seeds=(0,))
     parallel = _plan(suite, tmp_path / "parallel", methods=("bitfit",), seeds=(0,))

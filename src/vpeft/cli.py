@@ -218,9 +218,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     check_manifest(plan)
     executor = None
     if args.executor == "ray":
-        raise ConfigError("--executor ray is not built yet (issue: scale out); use the default local executor")
-    if args.jobs > 1:
-        from vpeft.bench.sweep import process_executor
+        from vpeft.bench.executors import ray_executor
+
+        executor = ray_executor(args.address, cpus_per_job=args.cpus_per_job)
+    elif args.jobs > 1:
+        from vpeft.bench.executors import process_executor
 
         executor = process_executor(args.jobs)
     n_tasks, n_runs = len(suite.tasks), len(methods) * len(suite.tasks) * len(seeds)
@@ -307,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default results/bench-<suite>)")
     p.add_argument("--executor", default="local", choices=["local", "ray"], help="where runs execute")
     p.add_argument("--jobs", type=int, default=1, help="local runs in parallel, in worker processes (CPU: cores)")
+    p.add_argument("--address", help="Ray cluster: auto or HOST:PORT (default: start a local Ray instance)")
+    p.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs per run where there is no GPU")
     p.add_argument("--no-pretrained", action="store_true", help="random-init backbone (baseline)")
     p.add_argument("--pretrained-file", help="local backbone weights")
     for key, kind in _TRAIN_FLAGS.items():

@@ -226,49 +226,6 @@ def local_executor(jobs: list[RunJob], on_done: Callable[[RunJob, dict[str, Any]
         on_done(job, execute_job(job))
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def process_executor(jobs_in_parallel: int, threads_per_job: int | None = None):
-    """Run up to ``jobs_in_parallel`` jobs at once in worker processes, each with its own torch threads.
-
-    Small models use a CPU's cores better as several single-threaded runs than as one multi-threaded run.
-    """
-    import os
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-    from multiprocessing import get_context
-
-    threads = threads_per_job or max(1, (os.cpu_count() or 1) // jobs_in_parallel)
-
-    def execute(jobs: list[RunJob], on_done: Callable[[RunJob, dict[str, Any]], None]) -> None:
-        if not jobs:
-            return
-        pool = ProcessPoolExecutor(jobs_in_parallel, mp_context=get_context("spawn"), initializer=_init_worker,
-                                   initargs=(threads,))  # fmt: skip
-        try:
-            pending = {pool.submit(execute_job, job): job for job in jobs}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = pending.pop(future)
-                    try:
-                        record = future.result()
-                    except Exception as exc:
-                        record = {"status": "failed", "method": job.method, "task": job.task, "seed": job.seed,
-                                  "mode": job.spec.mode, "error": f"worker process failed: {exc!r}"}  # fmt: skip
-                        write_json_atomic(Path(job.run_dir) / RESULT, record)
-                    on_done(job, record)
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-
-    return execute
-
-
 def choose_lr_wd(plan: SweepPlan) -> dict[tuple[str, str], tuple[float, float]]:
     """Best (lr, wd) per (method, task) by validation accuracy of the tune runs (ties: first in the grid)."""
     chosen = {}
