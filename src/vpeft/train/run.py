@@ -108,7 +108,7 @@ def _datasets(spec: RunSpec, task: Task, model: torch.nn.Module) -> tuple[ImageD
                 geometry,
                 normalize=normalize,
                 skip_bad_images=spec.skip_bad_images,
-                cache=cache and (train or spec.mode == "tune" or len(task.split(split)) <= 50_000),
+                cache=cache and (train or spec.mode == "tune"),  # test is read once: streaming is enough
                 read=task.read,
             )
         )
