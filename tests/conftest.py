@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import timm
 import torch
+
+# pytest -n 2 runs two workers on a 2-core machine: one torch thread each avoids oversubscription
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 NUM_CLASSES = 5
 IMG = 32

@@ -198,6 +198,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, args.root, _csv(args.tasks) or None)
     methods = _csv(args.methods) or suite.defaults["methods"]
+    if methods == ["all"]:  # every registered method for the backbone's family (ViT for the suites' models)
+        methods = [m["name"] for m in vpeft.list_methods() if "vit" in m["backbones"]]
     for m in methods:
         vpeft.get_method(m)  # unknown method: error listing the valid ones
     train = {
@@ -300,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="mini", help="mini (embedded, default), vtab1k or fgvc")
     p.add_argument("--root", help="folder holding the suite's tasks (vtab1k, fgvc)")
     p.add_argument("--model", help="backbone (default: the suite's, vpeft/vit-mini for mini)")
-    p.add_argument("--methods", help="comma-separated methods (default: the suite's list)")
+    p.add_argument("--methods", help="comma-separated methods, or all (default: the suite's list)")
     p.add_argument("--tasks", help="comma-separated subset of the suite's tasks")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     p.add_argument("--mode", default="final", choices=["tune", "final"], help="protocol mode of the runs")
