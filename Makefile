@@ -27,7 +27,7 @@ lint: install
 	$(PY) -m ruff format --check src tests scripts benchmarks
 
 bench: install
-	$(VENV)/bin/vpeft params --model vit_base_patch16_224
+	$(VENV)/bin/vpeft bench --suite mini --out results/bench-mini
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -135,6 +135,8 @@ def to_markdown(board: Leaderboard) -> str:
         f"Averages: 'mean of {n} tasks' is the plain mean (V-PETL Bench's convention); "
         f"'mean of {len(board.groups)} group means' averages per group first (most papers'). Groups: {groups}.",
         "params: trainable parameters without the classification head. PPT = acc * exp(-log10(params / 1e7 + 1)).",
+        "peak MB: on CUDA the run's peak allocated memory; on CPU the process's peak RSS, which in a sweep of "
+        "many runs in one process only grows (see benchmarks/step_time.py for per-method memory).",
     ]
     return "\n".join(lines + notes) + "\n"
 

@@ -53,7 +53,7 @@ def plot_pareto(board: Leaderboard, path: str | Path) -> dict:
     ax.set_ylabel(f"mean top-1 over {len(board.tasks)} tasks (%)")
     ax.set_title(f"V-PEFT Bench: {board.suite or 'results'} suite, {board.model}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png")
