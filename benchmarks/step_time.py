@@ -71,7 +71,8 @@ def memory_of(model, opt, x, y, device: str) -> float:
         step(model, opt, x, y)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    with SavedBytes() as saved:
+    saved = SavedBytes()
+    with saved:
         loss = torch.nn.functional.cross_entropy(model(x), y)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     loss.backward()

@@ -83,7 +83,7 @@ class ScaleShift(BaseLayerWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        return y * self._view(self.scale, y.ndim) + self._view(self.shift, y.ndim)
+        return torch.addcmul(self._view(self.shift, y.ndim), y, self._view(self.scale, y.ndim))  # one fused op
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = self.base_layer
