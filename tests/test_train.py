@@ -255,3 +255,24 @@ def test_no_weight_decay_on_biases_norms_prompts() -> None:
 
 def test_ppt_matches_published_example() -> None:
     assert round(ppt(0.7170, 2_380_000), 2) == 0.65
+
+
+@pytest.mark.parametrize("method", ["linear", "partial_k"])
+def test_frozen_prefix_cache_is_exact(vtab_task, tmp_path, method: str) -> None:
+    """Training from cached frozen-prefix features gives the weights of training through the prefix."""
+    cached = run(_spec(f"vtab1k:{vtab_task}", method=method), tmp_path / "cached", progress=False)
+    plain = run(_spec(f"vtab1k:{vtab_task}", method=method, feature_cache="off"), tmp_path / "plain", progress=False)
+    assert cached["feature_cache"] is True and plain["feature_cache"] is False
+    wa = load_file(str(tmp_path / "cached/adapter.safetensors"))
+    wb = load_file(str(tmp_path / "plain/adapter.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    assert cached["top1"] == pytest.approx(plain["top1"], abs=2.1)  # at most one test image flips
+
+
+def test_prefix_cache_off_where_inexact(vtab_task, tmp_path) -> None:
+    with_drop_path = run(_spec(f"vtab1k:{vtab_task}", method="linear", train={"drop_path": 0.1, "epochs": 1}),
+                         tmp_path / "dp", progress=False)  # fmt: skip
+    assert with_drop_path["feature_cache"] is False  # drop-path in the frozen blocks is random per epoch
+    lora = run(_spec(f"vtab1k:{vtab_task}", method="lora", train={"epochs": 1}), tmp_path / "lora", progress=False)
+    assert lora["feature_cache"] is False

@@ -277,6 +277,11 @@ class ImageDataset(Dataset):
         img = self.read(path)
         return self.transform(img) if self.transform is not None else img
 
+    @property
+    def cached(self) -> bool:
+        """Whether decoded inputs are held in memory (the transform is deterministic)."""
+        return self._cache is not None
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -30,6 +30,7 @@ from vpeft.config import option
 from vpeft.data import ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
 from vpeft.errors import ConfigError
 from vpeft.metrics import ppt
+from vpeft.train.feature_cache import plan_cached_prefix
 from vpeft.train.trainer import TrainConfig, Trainer, TrainingDivergedError
 
 RESULT = "result.json"
@@ -55,11 +56,21 @@ class RunSpec:
     cache_images: str = option(
         "auto", "keep decoded inputs in memory: auto (when the transform is deterministic), on, off"
     )
+    feature_cache: str = option(
+        "auto", "train from cached frozen-prefix features where exact (linear probe, Partial-k): auto or off"
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        # YAML 1.1 reads a bare off/on as booleans
+        if isinstance(self.feature_cache, bool):
+            self.feature_cache = "auto" if self.feature_cache else "off"
+        if isinstance(self.cache_images, bool):
+            self.cache_images = "on" if self.cache_images else "off"
+        if self.feature_cache not in ("auto", "off"):
+            raise ConfigError(f"feature_cache must be auto or off, got '{self.feature_cache}'")
         if self.cache_images not in ("auto", "on", "off"):
             raise ConfigError(f"cache_images must be auto, on or off, got '{self.cache_images}'")
         if isinstance(self.train, dict):
@@ -150,8 +161,17 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
     if spec.train.device == "auto" and trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     started = time.time()
+    fit_set: torch.utils.data.Dataset = train_set
+    plan = None
+    if spec.feature_cache == "auto" and train_set.cached and trainer.dist.world == 1 and not spec.train.compile:
+        plan = plan_cached_prefix(model)
+    if plan is not None:  # the frozen prefix runs once per image; epochs train the suffix only
+        extract_start = time.perf_counter()
+        fit_set = plan.features(model, train_set, spec.train.batch_size, trainer.device)
+        trainer.train_seconds += time.perf_counter() - extract_start  # counted as training time
+        trainer.train_forward = plan.suffix
     try:
-        history = trainer.fit(train_set, eval_set if spec.mode == "tune" else None, resume=resume)
+        history = trainer.fit(fit_set, eval_set if spec.mode == "tune" else None, resume=resume)
     except TrainingDivergedError as exc:
         if main_process:
             write_json_atomic(out / RESULT, {**base, "status": "failed", "error": str(exc)})
@@ -177,6 +197,7 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
         "skipped_images": len(train_set.skipped) + len(eval_set.skipped),
         "device": str(trainer.device),
         "world_size": trainer.dist.world,
+        "feature_cache": plan is not None,
     }
     if main_process:
         write_json_atomic(out / RESULT, record)
