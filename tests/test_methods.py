@@ -16,7 +16,7 @@ from conftest import BACKBONES, NUM_CLASSES, make_backbone, make_input
 
 METHODS = [m["name"] for m in vpeft.list_methods()]
 #: methods whose papers start from the unchanged model
-IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep", "prefix", "mona"}
+IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep", "prefix", "mona", "noah"}
 #: which (method, backbone) pairs must refuse, beyond the method's declared families
 REFUSED = {("ln_tune", "resnet"), ("ln_tune", "efficientnet"), ("dora", "resnet"), ("dora", "efficientnet")}
 
@@ -207,6 +207,7 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         + 2 * 6
         + 6 * d
         + d,
+        "noah": depth * (10 * d + 2 * 2 * d * 8 + 2 * d * 8 + 8 + d),
         "partial_k": (4 * d * d + 3 * d + d + 2 * d * hidden + hidden + d + 4 * d) + 2 * d,
     }
 

@@ -276,3 +276,29 @@ def test_prefix_cache_off_where_inexact(vtab_task, tmp_path) -> None:
     assert with_drop_path["feature_cache"] is False  # drop-path in the frozen blocks is random per epoch
     lora = run(_spec(f"vtab1k:{vtab_task}", method="lora", train={"epochs": 1}), tmp_path / "lora", progress=False)
     assert lora["feature_cache"] is False
+
+
+def test_noah_supernet_search_retrain(vtab_task, tmp_path, capsys) -> None:
+    """The three NOAH stages from `vpeft train`; the search reads val only and respects the budget."""
+    import shutil
+
+    task = tmp_path / "task"
+    shutil.copytree(vtab_task, task)
+    (task / "test.txt").write_text("images/test/missing.png 0\n")  # supernet and search must not read test
+    model_args = [a for k, v in TINY_VIT.items() for a in ("--model-arg", f"{k}={v}")]
+    common = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--data", f"vtab1k:{task}", "--method", "noah",
+              "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", "--drop-path", "0", "--quiet", *model_args]  # fmt: skip
+    assert main(["train", *common, "--mode", "tune", "--out", str(tmp_path / "supernet")]) == 0
+    budget = 3000
+    assert main(["train", *common, "--mode", "tune", "--opt", "stage=search", "--opt", f"supernet={tmp_path / 'supernet'}",
+                 "--opt", f"budget={budget}", "--out", str(tmp_path / "search")]) == 0  # fmt: skip
+    found = json.loads((tmp_path / "search/architecture.json").read_text())
+    assert found["params"] <= budget and len(found["architecture"]) == 2 and found["evaluated"] > 1
+    shutil.copy(vtab_task / "test.txt", task / "test.txt")
+    arch = str(tmp_path / "search/architecture.json")
+    assert main(["train", *common, "--opt", "stage=retrain", "--opt", f"architecture={arch}",
+                 "--out", str(tmp_path / "retrain")]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "retrain/result.json").read_text())
+    assert record["trainable_params"] == found["params"]
+    saved = json.loads((tmp_path / "retrain/adapter_config.json").read_text())
+    assert json.loads(saved["options"]["architecture"]) == found["architecture"]  # saved inline with the adapter

@@ -142,6 +142,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if record.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", 0)) != 0:
             return 0
+    if record.get("stage") == "search":
+        print(
+            f"noah search on {record['task']} (val): best subnet top-1 {record['top1']:.2f}% with "
+            f"{record['trainable_params']:,} parameters (budget {record['budget']:,}) -> {args.out}/architecture.json"
+        )
+        return 0
     print(
         f"{record['method']} on {record['task']} ({record['mode']}, {record['eval_split']}): "
         f"top-1 {record['top1']:.2f}%, trainable {record['trainable_params']:,} (w/o head), "
@@ -199,7 +205,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.root, _csv(args.tasks) or None)
     methods = _csv(args.methods) or suite.defaults["methods"]
     if methods == ["all"]:  # every registered method for the backbone's family (ViT for the suites' models)
-        methods = [m["name"] for m in vpeft.list_methods() if "vit" in m["backbones"]]
+        methods = [
+            m["name"]
+            for m in vpeft.list_methods()
+            if "vit" in m["backbones"] and vpeft.get_method(m["name"]).single_run
+        ]
     for m in methods:
         vpeft.get_method(m)  # unknown method: error listing the valid ones
     train = {

@@ -13,6 +13,7 @@ from vpeft.methods import (  # noqa: F401  (imported for registration)
     lora,
     lst,
     mona,
+    noah,
     partial_k,
     prefix,
     repadapter,

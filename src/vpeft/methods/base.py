@@ -67,6 +67,8 @@ class Method:
     mergeable: ClassVar[bool] = False
     #: whether the method trains the whole model itself (full fine-tuning)
     trains_everything: ClassVar[bool] = False
+    #: whether one training run is the whole method (NOAH needs supernet -> search -> retrain runs)
+    single_run: ClassVar[bool] = True
     config_class: ClassVar[type[MethodConfig]]
 
     def check_backbone(self, anatomy: Anatomy) -> None:

@@ -147,7 +147,11 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
     record with ``status: failed`` and the reason, then raises :class:`TrainingDivergedError`.
     """
     out = Path(out_dir)
-    vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
+    config = vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
+    if spec.method == "noah" and config.stage == "search":  # NOAH's search stage trains nothing
+        from vpeft.methods.noah import search_run
+
+        return search_run(spec, out)
     task = load_task(spec.data, spec.num_classes)
     model = build_model(spec, spec.num_classes or task.num_classes)
     train_set, eval_set = _datasets(spec, task, model)
