@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-        if record.get("world_size", 1) > 1 and int(__import__("os").environ.get("RANK", 0)) != 0:
+        if record.get("world_size", 1) > 1 and int(os.environ.get("RANK", 0)) != 0:
             return 0
     if record.get("stage") == "search":
         print(

@@ -97,8 +97,9 @@ class NOAHBlock(BaseLayerWrapper):
         self.prompt = nn.Parameter(torch.empty(sizes["prompt"], dim, **kw).uniform_(-init_bound, init_bound))
         r = sizes["lora"]
         self.lora_a = nn.Parameter(torch.empty(2, r, dim, **kw))
-        for i in range(2):
-            nn.init.kaiming_uniform_(self.lora_a[i], a=math.sqrt(5)) if r else None
+        if r:
+            for i in range(2):
+                nn.init.kaiming_uniform_(self.lora_a[i], a=math.sqrt(5))
         self.lora_b = nn.Parameter(torch.zeros(2, dim, r, **kw))
         b = sizes["adapter"]
         self.down_w = nn.Parameter(torch.empty(b, dim, **kw))
