@@ -220,9 +220,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, BaseLayerWrapper]]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseLayerWrapper)]
-    # innermost first never happens for our methods (wrappers do not nest); keep model order
-    return found
+    """Every wrapper, in model order (vpeft's wrappers never nest)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseLayerWrapper)]
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -12,18 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vpeft.bench.sweep import RunJob, execute_job
+from vpeft.bench.sweep import RunJob, execute_job, write_failed
 from vpeft.errors import ConfigError
 from vpeft.train.run import RESULT, write_json_atomic
 
 OnDone = Callable[[RunJob, dict[str, Any]], None]
-
-
-def _failed(job: RunJob, error: str) -> dict[str, Any]:
-    record = {"status": "failed", "method": job.method, "task": job.task, "seed": job.seed, "mode": job.spec.mode,
-              "error": error}  # fmt: skip
-    write_json_atomic(Path(job.run_dir) / RESULT, record)
-    return record
 
 
 def _init_worker(threads: int) -> None:
@@ -105,7 +98,7 @@ def ray_executor(address: str | None = None, cpus_per_job: float = 1.0, gpus_per
                 try:
                     record = ray.get(done[0])
                 except Exception as exc:
-                    record = _failed(job, f"Ray task failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    record = write_failed(job, f"Ray task failed: {type(exc).__name__}: {str(exc)[:300]}")
                 on_done(job, record)
         except KeyboardInterrupt:
             for ref in pending:

@@ -71,18 +71,19 @@ def execute_job(job: RunJob, progress: bool = False) -> dict[str, Any]:
         raise
     except Exception as exc:
         record = read_result(job.run_dir)
-        if record is None or record.get("status") != "failed":
-            record = {
-                "status": "failed",
-                "method": job.method,
-                "task": job.task,
-                "seed": job.seed,
-                "mode": job.spec.mode,
-                "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=6),
-            }
-            write_json_atomic(Path(job.run_dir) / RESULT, record)
+        if record is None or record.get("status") != "failed":  # a diverged run already wrote its own
+            record = write_failed(job, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=6))
         return record
+
+
+def write_failed(job: RunJob, error: str, trace: str | None = None) -> dict[str, Any]:
+    """Record a run as failed, with its error, so the sweep goes on and the next call reruns it."""
+    record = {"status": "failed", "method": job.method, "task": job.task, "seed": job.seed, "mode": job.spec.mode,
+              "error": error}  # fmt: skip
+    if trace:
+        record["traceback"] = trace
+    write_json_atomic(Path(job.run_dir) / RESULT, record)
+    return record
 
 
 @dataclass

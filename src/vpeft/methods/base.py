@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from vpeft.anatomy import Anatomy
@@ -138,6 +139,21 @@ class BaseLayerWrapper(nn.Module):
 
     def unmerge_from_base(self) -> None:
         raise NotMergeableError(f"{type(self).__name__} cannot be unmerged")
+
+
+class DeltaWeightWrapper(BaseLayerWrapper):
+    """A wrapper whose update is W + delta_weight(): merging adds it to the base weight, unmerging subtracts it."""
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        self.base_layer.weight += self.delta_weight()
+
+    @torch.no_grad()
+    def unmerge_from_base(self) -> None:
+        self.base_layer.weight -= self.delta_weight()
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
-from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.methods.base import DeltaWeightWrapper, Method, MethodConfig, register, replace_module
 
 ROOT = "vpeft_fact"
 
@@ -58,7 +58,7 @@ class SharedFactors(nn.Module):
             nn.init.uniform_(self.p, -1 / math.sqrt(rank), 1 / math.sqrt(rank))
 
 
-class FacTLinear(BaseLayerWrapper):
+class FacTLinear(DeltaWeightWrapper):
     """A Linear layer of in_blocks x out_blocks d x d blocks, each with the increment s * V S U^T."""
 
     def __init__(self, base_layer: nn.Linear, factors: SharedFactors, first_block: int, config: FacTTTConfig):
@@ -104,14 +104,6 @@ class FacTLinear(BaseLayerWrapper):
         blocks = torch.einsum("ds,oisr,er->oide", f.v, self.cores(), f.u)  # (o, i, d_out, d_in)
         o, i, d, e = blocks.shape
         return self.scale * blocks.permute(0, 2, 1, 3).reshape(o * d, i * e)
-
-    @torch.no_grad()
-    def merge_into_base(self) -> None:
-        self.base_layer.weight += self.delta_weight()
-
-    @torch.no_grad()
-    def unmerge_from_base(self) -> None:
-        self.base_layer.weight -= self.delta_weight()
 
 
 class _FacT(Method):

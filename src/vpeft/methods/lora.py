@@ -21,6 +21,7 @@ from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
     BaseLayerWrapper,
+    DeltaWeightWrapper,
     Method,
     MethodConfig,
     backbone_modules,
@@ -103,7 +104,7 @@ class LoRALinear(BaseLayerWrapper):
             self.base_layer.weight[start:end] -= self.delta_weight(i)
 
 
-class LoRAConv2d(BaseLayerWrapper):
+class LoRAConv2d(DeltaWeightWrapper):
     """A Conv2d plus a low-rank update: A is a conv with the base's kernel to r channels, B a 1x1 conv."""
 
     def __init__(self, base_layer: nn.Conv2d, rank: int, scaling: float, dropout: float):
@@ -127,14 +128,6 @@ class LoRAConv2d(BaseLayerWrapper):
         rank = self.lora_A.shape[0]
         delta = self.lora_B.flatten(1) @ self.lora_A.reshape(rank, -1)
         return delta.reshape(self.base_layer.weight.shape) * self.scaling
-
-    @torch.no_grad()
-    def merge_into_base(self) -> None:
-        self.base_layer.weight += self.delta_weight()
-
-    @torch.no_grad()
-    def unmerge_from_base(self) -> None:
-        self.base_layer.weight -= self.delta_weight()
 
 
 def default_targets(anatomy: Anatomy) -> list[str]:
