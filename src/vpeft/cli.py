@@ -62,6 +62,11 @@ _TRAIN_FLAGS = {
 }  # fmt: skip
 
 
+def _train_key(key: str) -> str:
+    """The TrainConfig field of a flag or YAML key (``wd`` is short for ``weight_decay``)."""
+    return "weight_decay" if key == "wd" else key
+
+
 def _parse_opts(pairs: list[str]) -> dict[str, str]:
     options = {}
     for pair in pairs:
@@ -93,16 +98,14 @@ def _spec_from_args(args: argparse.Namespace):
             raise ConfigError(f"config file '{args.config}' does not exist") from None
         if not isinstance(base, dict):
             raise ConfigError(f"config file '{args.config}' must hold a mapping of options")
-    train = dict(base.pop("train", {}) or {})
+    train = {_train_key(k): v for k, v in (base.pop("train", {}) or {}).items()}
     for key in list(base):
         if key in _TRAIN_FLAGS or key == "weight_decay":
-            train["weight_decay" if key == "wd" else key] = base.pop(key)
-    if "wd" in train:
-        train["weight_decay"] = train.pop("wd")
+            train[_train_key(key)] = base.pop(key)
     for key in _TRAIN_FLAGS:
         value = getattr(args, key)
         if value is not None:
-            train["weight_decay" if key == "wd" else key] = value
+            train[_train_key(key)] = value
     if args.compile:
         train["compile"] = True
     options = dict(base.pop("options", {}) or {})
@@ -213,9 +216,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     for m in methods:
         vpeft.get_method(m)  # unknown method: error listing the valid ones
-    train = {
-        ("weight_decay" if k == "wd" else k): getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None
-    }
+    train = {_train_key(k): getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     try:
         seeds = [int(s) for s in _csv(args.seeds)] or [0]
     except ValueError:
