@@ -353,3 +353,33 @@ def test_lst_builds_no_backward_graph_through_the_backbone() -> None:
     model(make_input()).sum().backward()
     assert len(outputs) == 2 and all(o.grad_fn is None and not o.requires_grad for o in outputs)
     assert model.vpeft_lst.down[0].weight.grad is not None and model.vpeft_lst.alpha.grad is not None
+
+
+@pytest.mark.parametrize("backbone", ["vit", "swin", "resnet", "convnext", "efficientnet"])
+def test_ssf_fast_paths_match_the_plain_formula(backbone: str) -> None:
+    """The LayerNorm fold and the custom backward give gamma * base(x) + beta and autograd's gradients."""
+    from vpeft.methods.ssf import ScaleShift
+
+    model = vpeft.apply(make_backbone(backbone), "ssf", init_std=0.1).train()
+    wrappers = [m for m in model.modules() if isinstance(m, ScaleShift)]
+    assert any(w.fold_into_norm for w in wrappers) == (backbone in ("vit", "swin", "convnext"))
+    inputs: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def keep_input(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        inputs.setdefault(module, args[0].detach())
+
+    for w in wrappers:
+        w.register_forward_hook(keep_input)
+    model(make_input())
+    assert len(inputs) == len(wrappers)
+    for w, x in inputs.items():
+        x = x.clone().requires_grad_(True)
+        grad_out = torch.randn_like(w(x))
+        fast = torch.autograd.grad(w(x), (x, w.scale, w.shift), grad_out)
+        shape = [1] * x.ndim
+        shape[w.channel_dim] = -1
+        plain_out = w.scale.view(shape) * w.base_layer(x) + w.shift.view(shape)
+        plain = torch.autograd.grad(plain_out, (x, w.scale, w.shift), grad_out)
+        torch.testing.assert_close(w(x), plain_out, rtol=1e-5, atol=1e-5)
+        for a, b in zip(fast, plain):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
