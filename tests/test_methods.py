@@ -381,5 +381,5 @@ def test_ssf_fast_paths_match_the_plain_formula(backbone: str) -> None:
         plain_out = w.scale.view(shape) * w.base_layer(x) + w.shift.view(shape)
         plain = torch.autograd.grad(plain_out, (x, w.scale, w.shift), grad_out)
         torch.testing.assert_close(w(x), plain_out, rtol=1e-5, atol=1e-5)
-        for a, b in zip(fast, plain):
+        for a, b in zip(fast, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
