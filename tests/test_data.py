@@ -135,3 +135,35 @@ def test_corrupt_and_missing_images(tmp_path) -> None:
         ImageDataset(task.splits["train"], geometry, cache=True)
     skipping = ImageDataset(task.splits["train"], geometry, skip_bad_images=True)
     assert len(skipping) == 46 and sorted(skipping.skipped) == sorted([bad, missing])
+
+
+def test_decoded_images_shared_across_runs_of_a_process(tmp_path, monkeypatch) -> None:
+    """A second dataset over the same images (another seed, the trainval split) decodes nothing again."""
+    from vpeft.data import datasets
+    from vpeft.data.transforms import InputConfig
+
+    store = datasets.DecodedImageStore(max_bytes=1e9)
+    monkeypatch.setattr(datasets, "DECODED_IMAGES", store)
+    task = load_task(f"vtab1k:{make_vtab_task(tmp_path / 't', n_train=8, n_val=4, n_test=4)}")
+    geometry, normalize = build_transform(InputConfig((32, 32), (0.5,) * 3, (0.5,) * 3), "vtab", train=True)
+    reads: list[str] = []
+
+    def counting_read(path: str):
+        reads.append(path)
+        return decode_image(path)
+
+    first = ImageDataset(task.splits["train"], geometry, normalize=normalize, cache=True, read=counting_read)
+    trainval = ImageDataset(task.splits["trainval"], geometry, normalize=normalize, cache=True, read=counting_read)
+    assert len(reads) == 12 and store.hits == 8  # only the 4 val images were new
+    torch.testing.assert_close(first[3][0], trainval[3][0], rtol=0, atol=0)
+    changed = task.splits["train"][0][0]
+    decode_image(task.splits["train"][1][0]).save(changed)  # a file rewritten on disk is read again
+    ImageDataset(task.splits["train"][:2], geometry, normalize=normalize, cache=True, read=counting_read)
+    assert reads[12:] == [changed]
+    other_size, _ = build_transform(InputConfig((16, 16), (0.5,) * 3, (0.5,) * 3), "vtab", train=True)
+    ImageDataset(task.splits["train"][:2], other_size, normalize=normalize, cache=True, read=counting_read)
+    assert len(reads) == 15  # another transform is another image
+    small = datasets.DecodedImageStore(max_bytes=2 * 3 * 32 * 32)
+    for i in range(4):
+        small.put(("k", i), torch.zeros(3, 32, 32, dtype=torch.uint8))
+    assert small.bytes <= small.max_bytes and small.get(("k", 0)) is None and small.get(("k", 3)) is not None

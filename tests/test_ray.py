@@ -26,7 +26,7 @@ def suite(tmp_path_factory):
     root = tmp_path_factory.mktemp("raysuite")
     tasks = [SuiteTask(n, "g", f"vtab1k:{make_vtab_task(root / n, n_train=32, n_val=8, n_test=16, seed=i)}")
              for i, n in enumerate(["t1", "t2"])]  # fmt: skip
-    yield Suite("custom", tasks, {"train": TRAIN, "method_overrides": {"full": {"train": {"epochs": 25}}}})
+    yield Suite("custom", tasks, {"train": TRAIN, "method_overrides": {"full": {"train": {"epochs": 100}}}})
     if ray.is_initialized():
         ray.shutdown()
 
@@ -61,11 +61,14 @@ def test_killed_worker_fails_only_its_run(suite, tmp_path) -> None:
     def kill_when_started() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            if victim.is_file() and victim.read_text().strip():
-                time.sleep(0.5)
-                os.kill(int(victim.read_text()), signal.SIGKILL)
+            try:
+                pid = victim.read_text().strip()
+            except FileNotFoundError:
+                pid = ""
+            if pid:  # the worker writes its pid, then runs the job: kill it mid-run
+                os.kill(int(pid), signal.SIGKILL)
                 killed["pid"] = True
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     watcher = threading.Thread(target=kill_when_started, daemon=True)
     watcher.start()

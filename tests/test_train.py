@@ -257,7 +257,7 @@ def test_ppt_matches_published_example() -> None:
     assert round(ppt(0.7170, 2_380_000), 2) == 0.65
 
 
-@pytest.mark.parametrize("method", ["linear", "partial_k"])
+@pytest.mark.parametrize("method", ["linear", "partial_k", "lst"])
 def test_frozen_prefix_cache_is_exact(vtab_task, tmp_path, method: str) -> None:
     """Training from cached frozen-prefix features gives the weights of training through the prefix."""
     cached = run(_spec(f"vtab1k:{vtab_task}", method=method), tmp_path / "cached", progress=False)
@@ -276,6 +276,9 @@ def test_prefix_cache_off_where_inexact(vtab_task, tmp_path) -> None:
     assert with_drop_path["feature_cache"] is False  # drop-path in the frozen blocks is random per epoch
     lora = run(_spec(f"vtab1k:{vtab_task}", method="lora", train={"epochs": 1}), tmp_path / "lora", progress=False)
     assert lora["feature_cache"] is False
+    too_big = run(_spec(f"vtab1k:{vtab_task}", method="lst", train={"epochs": 1}, feature_cache_gb=1e-6),
+                  tmp_path / "big", progress=False)  # fmt: skip
+    assert too_big["feature_cache"] is False and too_big["status"] == "ok"
 
 
 def test_noah_supernet_search_retrain(vtab_task, tmp_path, capsys) -> None:

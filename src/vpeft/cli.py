@@ -122,6 +122,8 @@ def _spec_from_args(args: argparse.Namespace):
         base["skip_bad_images"] = True
     if args.cache_images is not None:
         base["cache_images"] = args.cache_images
+    if args.feature_cache is not None:
+        base["feature_cache"] = args.feature_cache
     known = {f.name for f in dataclasses.fields(RunSpec)}
     unknown = sorted(set(base) - known)
     if unknown:
@@ -304,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="override the task's class count")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
     p.add_argument("--cache-images", choices=["auto", "on", "off"], help="keep decoded inputs in memory")
+    p.add_argument(
+        "--feature-cache", choices=["auto", "off"], help="train from cached frozen-prefix features where exact"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     for key, kind in _TRAIN_FLAGS.items():

@@ -7,7 +7,9 @@ A task is a :class:`Task`: a name, a class count and four splits of (image path,
 from __future__ import annotations
 
 import json
+import os
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,11 +236,61 @@ def decode_image(path: str) -> Image.Image:
         ) from None
 
 
+class DecodedImageStore:
+    """Decoded and resized images kept for the whole process, least recently used dropped first.
+
+    Runs of one sweep in one process (methods, seeds, the tune and final splits) decode each image
+    once. Keyed by the reader, the path, the file's size and modification time (a changed file is
+    read again) and the transform's description. The budget is ``VPEFT_IMAGE_CACHE_GB`` (default
+    4 GB; 0 switches the store off, each dataset still caches its own images).
+    """
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._images: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    @staticmethod
+    def key(read: Callable, path: str, transform: Callable | None) -> tuple:
+        try:
+            stat = os.stat(path)
+            version: tuple | None = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            version = None  # not a file: an in-memory task's sample id
+        return (getattr(read, "__module__", ""), getattr(read, "__qualname__", ""), path, version, repr(transform))
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        image = self._images.get(key)
+        if image is not None:
+            self._images.move_to_end(key)
+            self.hits += 1
+        return image
+
+    def put(self, key: tuple, image: torch.Tensor) -> None:
+        size = image.numel() * image.element_size()
+        if size > self.max_bytes or key in self._images:
+            return
+        self._images[key] = image
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._images.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def clear(self) -> None:
+        self._images.clear()
+        self.bytes = self.hits = 0
+
+
+DECODED_IMAGES = DecodedImageStore(float(os.environ.get("VPEFT_IMAGE_CACHE_GB", "4")) * 1e9)
+
+
 class ImageDataset(Dataset):
     """(image, label) pairs read from paths, with optional in-memory caching of decoded inputs.
 
     ``cache=True`` (for deterministic transforms only) keeps each transformed image as uint8 so it
-    is decoded and resized once for every epoch; ``normalize`` then turns it into a float tensor.
+    is decoded and resized once for every epoch, and through :data:`DECODED_IMAGES` once for every
+    run of the process; ``normalize`` then turns it into a float tensor.
     """
 
     def __init__(
@@ -260,7 +312,7 @@ class ImageDataset(Dataset):
         if skip_bad_images:
             self.samples = self._drop_bad(samples)
         if cache:
-            self._cache = [self._load(path) for path, _ in self.samples]
+            self._cache = [self._load_shared(path) for path, _ in self.samples]
 
     def _drop_bad(self, samples: list[Sample]) -> list[Sample]:
         kept = []
@@ -276,6 +328,15 @@ class ImageDataset(Dataset):
     def _load(self, path: str) -> torch.Tensor:
         img = self.read(path)
         return self.transform(img) if self.transform is not None else img
+
+    def _load_shared(self, path: str) -> torch.Tensor:
+        key = DecodedImageStore.key(self.read, path, self.transform)
+        image = DECODED_IMAGES.get(key)
+        if image is None:
+            image = self._load(path)
+            if isinstance(image, torch.Tensor):
+                DECODED_IMAGES.put(key, image)
+        return image
 
     @property
     def cached(self) -> bool:

@@ -72,6 +72,16 @@ class SideNetwork(nn.Module):
     def output(self, state: torch.Tensor) -> torch.Tensor:
         return self.up(self.norm(state))
 
+    def ladder(self, features: torch.Tensor) -> torch.Tensor:
+        """The last block's output after the side network, from all block outputs ``[B, depth, T, D]``.
+
+        What the ladder blocks compute in a forward pass, for training from cached backbone features.
+        """
+        state = None
+        for index in range(features.shape[1]):
+            state = self.step(index, features[:, index], state)
+        return features[:, -1] + self.output(state)
+
 
 class _LadderState:
     state: torch.Tensor | None = None

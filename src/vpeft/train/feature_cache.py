@@ -3,12 +3,14 @@ input transform is deterministic, compute those layers' output once per image an
 
 Switched on only where it is exact: the frozen prefix must hold no active randomness in training
 mode (dropout, drop-path), and the run must be single-process. Covers linear probing on every
-backbone family (prefix = everything but the head) and Partial-k on ViTs (prefix = the embedding and
-the frozen blocks).
+backbone family (prefix = everything but the head), Partial-k on ViTs (prefix = the embedding and
+the frozen blocks) and LST on ViTs (the cache holds every frozen block's output; epochs run only the
+side network, the final norm and the head). A cache larger than ``limit_bytes`` is not built.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,16 +38,34 @@ class CachedPrefix:
         self.prefix, self.suffix = prefix, suffix
 
     @torch.no_grad()
-    def features(self, model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device) -> TensorDataset:
+    def features(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        limit_bytes: float = float("inf"),
+    ) -> TensorDataset | None:
+        """The prefix's output for every sample, or None when it would exceed ``limit_bytes``."""
         was_training = model.training
         model.eval()
-        xs, ys = [], []
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        for x, y in loader:
-            xs.append(self.prefix(x.to(device)).cpu())
-            ys.append(torch.as_tensor(y))
-        model.train(was_training)
-        return TensorDataset(torch.cat(xs), torch.cat(ys))
+        try:
+            features, labels = None, []
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            start = 0
+            for x, y in loader:
+                out = self.prefix(x.to(device))
+                if features is None:
+                    shape = (len(dataset), *out.shape[1:])
+                    if math.prod(shape) * out.element_size() > limit_bytes:
+                        return None
+                    features = torch.empty(shape, dtype=out.dtype)
+                features[start : start + len(out)] = out.cpu()
+                start += len(out)
+                labels.append(torch.as_tensor(y))
+        finally:
+            model.train(was_training)
+        return None if features is None else TensorDataset(features, torch.cat(labels))
 
 
 def plan_cached_prefix(model: nn.Module) -> CachedPrefix | None:
@@ -66,20 +86,43 @@ def plan_cached_prefix(model: nn.Module) -> CachedPrefix | None:
             return model.forward_head(model.forward_features(x), pre_logits=True)
 
         return CachedPrefix(prefix, head)
-    if state.method == "partial_k" and anatomy.family == "vit" and hasattr(model, "_pos_embed"):
-        k = state.config.k
-        frozen = model.blocks[: len(model.blocks) - k]
-        if any(_stochastic(m) for m in (model.patch_embed, model.patch_drop, model.norm_pre, frozen)):
-            return None
-        if getattr(model, "pos_drop", None) is not None and _stochastic(model.pos_drop):
+    if anatomy.family != "vit" or not hasattr(model, "_pos_embed"):
+        return None
+    embedding = [model.patch_embed, model.patch_drop, model.norm_pre, getattr(model, "pos_drop", nn.Identity())]
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+    if state.method == "partial_k":
+        split = len(model.blocks) - state.config.k
+        frozen = model.blocks[:split]
+        if any(_stochastic(m) for m in (*embedding, frozen)):
             return None
 
         def vit_prefix(x: torch.Tensor) -> torch.Tensor:
-            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-            return frozen(x)
+            return frozen(embed(x))
 
         def vit_suffix(h: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.norm(model.blocks[len(model.blocks) - k :](h)))
+            return model.forward_head(model.norm(model.blocks[split:](h)))
 
         return CachedPrefix(vit_prefix, vit_suffix)
+    if state.method == "lst":
+        from vpeft.methods.lst import ROOT
+
+        backbone_blocks = [block.base_layer for block in model.blocks]
+        if any(_stochastic(m) for m in (*embedding, *backbone_blocks)):
+            return None
+        side = model.get_submodule(ROOT)
+
+        def all_block_outputs(x: torch.Tensor) -> torch.Tensor:
+            x, outputs = embed(x), []
+            for block in backbone_blocks:
+                x = block(x)
+                outputs.append(x)
+            return torch.stack(outputs, dim=1)
+
+        def side_suffix(features: torch.Tensor) -> torch.Tensor:
+            return model.forward_head(model.norm(side.ladder(features)))
+
+        return CachedPrefix(all_block_outputs, side_suffix)
     return None

@@ -57,8 +57,9 @@ class RunSpec:
         "auto", "keep decoded inputs in memory: auto (when the transform is deterministic), on, off"
     )
     feature_cache: str = option(
-        "auto", "train from cached frozen-prefix features where exact (linear probe, Partial-k): auto or off"
+        "auto", "train from cached frozen-prefix features where exact (linear probe, Partial-k, LST): auto or off"
     )
+    feature_cache_gb: float = option(8.0, "largest frozen-prefix feature cache to build, in GB; above it, no cache")
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class RunSpec:
             self.cache_images = "on" if self.cache_images else "off"
         if self.feature_cache not in ("auto", "off"):
             raise ConfigError(f"feature_cache must be auto or off, got '{self.feature_cache}'")
+        if self.feature_cache_gb < 0:
+            raise ConfigError(f"feature_cache_gb must be >= 0, got {self.feature_cache_gb}")
         if self.cache_images not in ("auto", "on", "off"):
             raise ConfigError(f"cache_images must be auto, on or off, got '{self.cache_images}'")
         if isinstance(self.train, dict):
@@ -171,9 +174,12 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
         plan = plan_cached_prefix(model)
     if plan is not None:  # the frozen prefix runs once per image; epochs train the suffix only
         extract_start = time.perf_counter()
-        fit_set = plan.features(model, train_set, spec.train.batch_size, trainer.device)
+        features = plan.features(model, train_set, spec.train.batch_size, trainer.device, spec.feature_cache_gb * 1e9)
         trainer.train_seconds += time.perf_counter() - extract_start  # counted as training time
-        trainer.train_forward = plan.suffix
+        if features is None:
+            plan = None  # over the size limit: train through the prefix
+        else:
+            fit_set, trainer.train_forward = features, plan.suffix
     try:
         history = trainer.fit(fit_set, eval_set if spec.mode == "tune" else None, resume=resume)
     except TrainingDivergedError as exc:
