@@ -2,7 +2,10 @@
 
     python benchmarks/inference.py [--model vit_small_patch16_224 --img 112 --batch 16 --rounds 15]
 
-Interleaved rounds, median per variant: the ratios hold on a noisy machine.
+Each variant is timed against the backbone in adjacent pairs (order alternating per round) and the
+median of the per-pair ratios is reported, so drift of the machine's speed cancels. A second copy
+of the backbone is timed the same way: its ratio is the noise floor of the measurement. "same graph"
+says whether the variant has exactly the backbone's module types and parameter shapes.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--img", type=int, default=112)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=21)
     args = parser.parse_args()
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img).eval()
-    variants = {"backbone": base}
+    variants = {"backbone copy (noise floor)": copy.deepcopy(base)}
     for name in METHODS:
         unmerged = vpeft.apply(copy.deepcopy(base), name).eval()
         with torch.no_grad():  # move the update away from its identity init
@@ -38,22 +41,40 @@ def main() -> None:
         variants[f"{name} unmerged"] = unmerged
         variants[f"{name} merged"] = vpeft.merge(copy.deepcopy(unmerged))
     x = torch.randn(args.batch, 3, args.img, args.img)
-    times: dict[str, list[float]] = {k: [] for k in variants}
+
+    def timed(model: torch.nn.Module) -> float:
+        start = time.perf_counter()
+        model(x)
+        return time.perf_counter() - start
+
+    ratios: dict[str, list[float]] = {k: [] for k in variants}
+    base_times: list[float] = []
     with torch.inference_mode():
-        for m in variants.values():
+        for m in (base, *variants.values()):
             m(x)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
             for k, m in variants.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
-    median = {k: statistics.median(v) for k, v in times.items()}
+                if r % 2:
+                    t_variant, t_base = timed(m), timed(base)
+                else:
+                    t_base, t_variant = timed(base), timed(m)
+                ratios[k].append(t_variant / t_base)
+                base_times.append(t_base)
     print(f"{args.model} at {args.img}px, batch {args.batch}, CPU {torch.get_num_threads()} threads, "
-          f"median of {args.rounds} interleaved rounds")  # fmt: skip
-    print("| variant | ms | / backbone |")
+          f"median of {args.rounds} paired rounds; backbone {1000 * statistics.median(base_times):.1f} ms")  # fmt: skip
+    print("| variant | / backbone | same graph |")
     print("|---|---|---|")
-    for k, v in median.items():
-        print(f"| {k} | {1000 * v:.1f} | {v / median['backbone']:.3f} |")
+    for k, v in ratios.items():
+        print(f"| {k} | {statistics.median(v):.3f} | {'yes' if same_graph(variants[k], base) else 'no'} |")
+
+
+def same_graph(model: torch.nn.Module, base: torch.nn.Module) -> bool:
+    """The same module types in the same places, and parameters and buffers of the same shapes."""
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    shapes = [(n, t.shape) for n, t in model.state_dict().items()]
+    return types == [(n, type(m)) for n, m in base.named_modules()] and shapes == [
+        (n, t.shape) for n, t in base.state_dict().items()
+    ]
 
 
 if __name__ == "__main__":

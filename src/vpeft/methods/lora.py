@@ -84,10 +84,13 @@ class LoRALinear(BaseLayerWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         h = self.dropout(x)
+        # the scaling multiplies the rank-r activations, not the layer's full-width output
         if len(self.slices) == 1 and self.slices[0] == (0, self.base_layer.out_features):
-            return out + F.linear(F.linear(h, self.lora_A[0]), self.lora_B[0]) * self.scaling
+            low = F.linear(h, self.lora_A[0]) * self.scaling
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_B[0].t())
+            return flat.view(out.shape)  # the add is fused into the up-projection's matmul
         for (start, end), a, b in zip(self.slices, self.lora_A, self.lora_B, strict=True):
-            out[..., start:end] += F.linear(F.linear(h, a), b) * self.scaling
+            out[..., start:end] += F.linear(F.linear(h, a) * self.scaling, b)
         return out
 
     def delta_weight(self, index: int) -> torch.Tensor:

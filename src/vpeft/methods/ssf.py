@@ -8,8 +8,9 @@ The paper's code draws gamma ~ N(1, 0.02) and beta ~ N(0, 0.02); vpeft starts at
 (gamma = 1, beta = 0) so the model is unchanged at step 0; ``init_std=0.02`` restores the code's.
 
 Speed: after a LayerNorm the scale and shift fold into the norm's own affine (one fused kernel, no
-extra pass over the activations); elsewhere a custom backward does the minimum, two multiplies and
-two reductions (autograd's addcmul backward adds two more full-size multiplies).
+extra pass over the activations); after a frozen Linear the input gradient folds gamma into the
+weight; elsewhere a custom backward does the minimum, two multiplies and two reductions
+(autograd's addcmul backward adds two more full-size multiplies).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _ScaleShiftFunction(torch.autograd.Function):
     """out = gamma * y + beta per channel, with a backward of two multiplies and two reductions."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int) -> torch.Tensor:
         shape = [1] * y.ndim
         shape[channel_dim] = -1
@@ -78,12 +80,42 @@ class _ScaleShiftFunction(torch.autograd.Function):
         return torch.addcmul(shift.view(shape), y, scale.view(shape))
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, scale = ctx.saved_tensors
         grad_y = grad * scale.view(ctx.shape) if ctx.needs_input_grad[0] else None
         grad_scale = (grad * y).sum(ctx.reduce) if ctx.needs_input_grad[1] else None
         grad_shift = grad.sum(ctx.reduce) if ctx.needs_input_grad[2] else None
         return grad_y, grad_scale, grad_shift, None
+
+
+class _FrozenLinearScaleShiftFunction(torch.autograd.Function):
+    """out = gamma * (x W^T + b) + beta for a frozen W, b. The input gradient is g (gamma W), one matmul
+    with the scale folded into the (small) weight instead of a pass over the activations."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+    ) -> torch.Tensor:
+        y = nn.functional.linear(x, weight, bias)
+        ctx.save_for_backward(y if ctx.needs_input_grad[3] else None, weight, scale)
+        return torch.addcmul(shift, y, scale)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, weight, scale = ctx.saved_tensors
+        grad_x = grad.matmul(weight * scale[:, None]) if ctx.needs_input_grad[0] else None
+        dims = tuple(range(grad.ndim - 1))
+        grad_scale = (grad * y).sum(dims) if ctx.needs_input_grad[3] else None
+        grad_shift = grad.sum(dims) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_scale, grad_shift
 
 
 def _folds_into_norm(layer: nn.Module) -> bool:
@@ -114,7 +146,10 @@ class ScaleShift(BaseLayerWrapper):
             weight = norm.weight * self.scale
             bias = torch.addcmul(self.shift, norm.bias, self.scale)
             return nn.functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
-        return _ScaleShiftFunction.apply(self.base_layer(x), self.scale, self.shift, self.channel_dim)
+        layer = self.base_layer
+        if type(layer) is nn.Linear and not any(p.requires_grad for p in layer.parameters()):
+            return _FrozenLinearScaleShiftFunction.apply(x, layer.weight, layer.bias, self.scale, self.shift)
+        return _ScaleShiftFunction.apply(layer(x), self.scale, self.shift, self.channel_dim)
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = self.base_layer
