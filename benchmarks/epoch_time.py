@@ -34,7 +34,9 @@ def timed_run(args, method: str, cache: str, out: Path) -> tuple[float, float]:
         mode="tune",
         pretrained=False,
         feature_cache=cache,
-        train=TrainConfig(epochs=args.epochs, warmup_epochs=0, batch_size=args.batch, drop_path=0.0, eval_every=0),
+        train=TrainConfig(
+            epochs=args.epochs, warmup_epochs=0, batch_size=args.batch, drop_path=0.0, device=args.device
+        ),
     )
     record = run(spec, out, progress=False)
     epochs = [json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3, help="at least 2: the first epoch is reported apart")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2")

@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--img", type=int, default=112)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img).eval()
+    base = timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img).to(args.device).eval()
     variants = {"backbone copy (noise floor)": copy.deepcopy(base)}
     for name in METHODS:
         unmerged = vpeft.apply(copy.deepcopy(base), name).eval()
@@ -40,11 +41,14 @@ def main() -> None:
                 p.add_(torch.randn_like(p) * 0.01)
         variants[f"{name} unmerged"] = unmerged
         variants[f"{name} merged"] = vpeft.merge(copy.deepcopy(unmerged))
-    x = torch.randn(args.batch, 3, args.img, args.img)
+    x = torch.randn(args.batch, 3, args.img, args.img, device=args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def timed(model: torch.nn.Module) -> float:
+        sync()
         start = time.perf_counter()
         model(x)
+        sync()
         return time.perf_counter() - start
 
     ratios: dict[str, list[float]] = {k: [] for k in variants}
@@ -60,7 +64,7 @@ def main() -> None:
                     t_base, t_variant = timed(base), timed(m)
                 ratios[k].append(t_variant / t_base)
                 base_times.append(t_base)
-    print(f"{args.model} at {args.img}px, batch {args.batch}, CPU {torch.get_num_threads()} threads, "
+    print(f"{args.model} at {args.img}px, batch {args.batch}, {args.device} ({torch.get_num_threads()} threads), "
           f"median of {args.rounds} paired rounds; backbone {1000 * statistics.median(base_times):.1f} ms")  # fmt: skip
     print("| variant | / backbone | same graph |")
     print("|---|---|---|")
