@@ -305,3 +305,15 @@ def test_noah_supernet_search_retrain(vtab_task, tmp_path, capsys) -> None:
     assert record["trainable_params"] == found["params"]
     saved = json.loads((tmp_path / "retrain/adapter_config.json").read_text())
     assert json.loads(saved["options"]["architecture"]) == found["architecture"]  # saved inline with the adapter
+
+
+def test_cli_feature_cache_flag_and_limit(vtab_task, tmp_path) -> None:
+    model_args = [a for k, v in TINY_VIT.items() for a in ("--model-arg", f"{k}={v}")]
+    common = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--data", f"vtab1k:{vtab_task}", "--method", "lst",
+              "--epochs", "1", "--warmup-epochs", "0", "--drop-path", "0", "--quiet", *model_args]  # fmt: skip
+    limit = tmp_path / "limit.yaml"
+    limit.write_text("feature_cache_gb: 0\n")
+    for name, extra, cached in [("auto", [], True), ("off", ["--feature-cache", "off"], False),
+                                ("limit", ["-c", str(limit)], False)]:  # fmt: skip
+        assert main(["train", *common, *extra, "--out", str(tmp_path / name)]) == 0
+        assert json.loads((tmp_path / name / "result.json").read_text())["feature_cache"] is cached
