@@ -277,10 +277,6 @@ class DecodedImageStore:
             _, old = self._images.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
 
-    def clear(self) -> None:
-        self._images.clear()
-        self.bytes = self.hits = 0
-
 
 DECODED_IMAGES = DecodedImageStore(float(os.environ.get("VPEFT_IMAGE_CACHE_GB", "4")) * 1e9)
 
