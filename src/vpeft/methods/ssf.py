@@ -10,7 +10,8 @@ The paper's code draws gamma ~ N(1, 0.02) and beta ~ N(0, 0.02); vpeft starts at
 Speed: after a LayerNorm the scale and shift fold into the norm's own affine (one fused kernel, no
 extra pass over the activations); after a frozen Linear the input gradient folds gamma into the
 weight; elsewhere a custom backward does the minimum, two multiplies and two reductions
-(autograd's addcmul backward adds two more full-size multiplies).
+(autograd's addcmul backward adds two more full-size multiplies). Without autograd (inference,
+unmerged) it is one plain fused multiply-add.
 """
 
 from __future__ import annotations
@@ -141,6 +142,11 @@ class ScaleShift(BaseLayerWrapper):
         self.fold_into_norm = _folds_into_norm(base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the plain op; the fused paths only pay off in backward
+            y = self.base_layer(x)
+            shape = [1] * y.ndim
+            shape[self.channel_dim] = -1
+            return torch.addcmul(self.shift.view(shape), y, self.scale.view(shape))
         if self.fold_into_norm:
             norm = self.base_layer
             weight = norm.weight * self.scale
