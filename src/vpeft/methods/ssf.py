@@ -68,14 +68,20 @@ def _targets(model: nn.Module, anatomy: Anatomy) -> list[str]:
     return names
 
 
+def _channel_shape(ndim: int, channel_dim: int) -> list[int]:
+    """The view that broadcasts a per-channel vector over a tensor of ``ndim`` dimensions."""
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return shape
+
+
 class _ScaleShiftFunction(torch.autograd.Function):
     """out = gamma * y + beta per channel, with a backward of two multiplies and two reductions."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channel_dim: int) -> torch.Tensor:
-        shape = [1] * y.ndim
-        shape[channel_dim] = -1
+        shape = _channel_shape(y.ndim, channel_dim)
         ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, scale)
         ctx.shape, ctx.reduce = shape, [d for d in range(y.ndim) if d != channel_dim % y.ndim]
         return torch.addcmul(shift.view(shape), y, scale.view(shape))
@@ -144,8 +150,7 @@ class ScaleShift(BaseLayerWrapper):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # inference: the plain op; the fused paths only pay off in backward
             y = self.base_layer(x)
-            shape = [1] * y.ndim
-            shape[self.channel_dim] = -1
+            shape = _channel_shape(y.ndim, self.channel_dim)
             return torch.addcmul(self.shift.view(shape), y, self.scale.view(shape))
         if self.fold_into_norm:
             norm = self.base_layer
