@@ -1,4 +1,4 @@
-"""Sweeps (resume, failures, refusing to mix), the leaderboard's arithmetic and the Pareto plot."""
+"""Sweeps (resume, failures, run identity), the leaderboard's arithmetic and the Pareto plot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from datagen import make_vtab_task
-from vpeft.bench import SweepMismatchError, SweepPlan, check_manifest, load_suite, run_jobs
+from vpeft.bench import SweepPlan, load_suite, run_jobs, write_manifest
 from vpeft.bench import sweep as sweep_mod
 from vpeft.bench.suites import Suite, SuiteTask
 from vpeft.cli import main
@@ -41,7 +41,6 @@ def _records(out) -> list[dict]:
 
 def test_interrupted_sweep_resumes_without_redoing(suite, tmp_path, monkeypatch) -> None:
     plan = _plan(suite, tmp_path / "out")
-    check_manifest(plan)
     calls = []
     real_run = sweep_mod.run
     interrupt = {"armed": True}
@@ -83,7 +82,8 @@ def test_failed_run_is_recorded_and_rerun(suite, tmp_path, monkeypatch) -> None:
     log = []
     counts = run_jobs(plan.final_jobs(), log=log.append)
     assert counts["failed"] == 1 and counts["done"] == 3
-    failed = json.loads((tmp_path / "out/runs/bitfit/t_nat/seed0/result.json").read_text())
+    [failed_path] = (tmp_path / "out/runs/bitfit/t_nat").glob("seed0-*/result.json")
+    failed = json.loads(failed_path.read_text())
     assert failed["status"] == "failed" and "simulated worker crash" in failed["error"]
     assert any("FAILED" in line for line in log) and all("ETA" in line for line in log)
     broken["on"] = False
@@ -91,18 +91,70 @@ def test_failed_run_is_recorded_and_rerun(suite, tmp_path, monkeypatch) -> None:
     assert counts == {"total": 4, "skipped": 3, "done": 1, "failed": 0}
 
 
-def test_refuses_to_mix_models_or_protocols(suite, tmp_path) -> None:
-    plan = _plan(suite, tmp_path / "out")
-    check_manifest(plan)
-    check_manifest(_plan(suite, tmp_path / "out", methods=("bitfit",)))  # other methods: same protocol, fine
-    other_model = _plan(suite, tmp_path / "out")
-    other_model.model = "deit_tiny_patch16_224"
-    with pytest.raises(SweepMismatchError, match="another model.*Use another --out"):
-        check_manifest(other_model)
-    other_epochs = _plan(suite, tmp_path / "out")
-    other_epochs.train_overrides = {"epochs": 5}
-    with pytest.raises(SweepMismatchError, match="recipe"):
-        check_manifest(other_epochs)
+#: (what changes, how) -> a sweep with that change must get other run keys for every run
+SPEC_CHANGES = {
+    "method option": lambda p: p.option_overrides.update({"lora": {"rank": 4}}),
+    "option spelled as a string": lambda p: p.option_overrides.update({"lora": {"rank": "4"}}),
+    "lr": lambda p: p.train_overrides.update({"lr": 1e-5}),
+    "weight decay": lambda p: p.train_overrides.update({"weight_decay": 0.0}),
+    "epochs": lambda p: p.train_overrides.update({"epochs": 2}),
+    "drop path": lambda p: p.train_overrides.update({"drop_path": 0.1}),
+    "model": lambda p: setattr(p, "model", "deit_tiny_patch16_224"),
+    "model args": lambda p: p.model_args.update({"depth": 1}),
+    "pretrained": lambda p: setattr(p, "pretrained", True),
+}
+
+
+@pytest.mark.parametrize("change", list(SPEC_CHANGES))
+def test_any_spec_change_gives_other_runs(suite, tmp_path, change) -> None:
+    base = {j.run_dir.name: j for j in _plan(suite, tmp_path, methods=("lora",), seeds=(0,)).final_jobs()}
+    other = _plan(suite, tmp_path, methods=("lora",), seeds=(0,))
+    other.model_args = dict(TINY_VIT)
+    SPEC_CHANGES[change](other)
+    jobs = other.final_jobs()
+    assert not {j.run_dir.name for j in jobs} & set(base), f"{change}: a run folder would be reused"
+    assert all(j.key in j.run_dir.name and j.key in j.label for j in jobs)
+
+
+def test_same_spec_same_keys_and_defaults_resolved(suite, tmp_path) -> None:
+    a = _plan(suite, tmp_path, methods=("lora",), seeds=(0, 1)).final_jobs()
+    b = _plan(suite, tmp_path, methods=("lora", "lora"), seeds=(0, 1, 1)).final_jobs()  # duplicates run once
+    assert [j.run_dir for j in a] == [j.run_dir for j in b] and len(b) == 4
+    explicit = _plan(suite, tmp_path, methods=("lora",), seeds=(0, 1))
+    explicit.option_overrides = {"lora": {"rank": "2", "dropout": "0"}}  # the suite's value and the default
+    assert [j.key for j in explicit.final_jobs()] == [j.key for j in a]
+    assert len({j.run_dir.name.split("-")[0] for j in a if j.task == "t_nat"}) == 2  # seed0-..., seed1-...
+
+
+def test_split_file_change_gives_other_runs(tmp_path) -> None:
+    root = make_vtab_task(tmp_path / "t", n_train=16, n_val=4, n_test=8)
+    suite = Suite("custom", [SuiteTask("t", "natural", f"vtab1k:{root}")], {"train": TRAIN})
+    before = _plan(suite, tmp_path / "o", methods=("linear",), seeds=(0,)).final_jobs()[0].key
+    lines = (root / "train800val200.txt").read_text().splitlines()
+    (root / "train800val200.txt").write_text("\n".join(lines[:-1]) + "\n")  # one training image fewer
+    assert _plan(suite, tmp_path / "o", methods=("linear",), seeds=(0,)).final_jobs()[0].key != before
+
+
+def test_rerun_with_other_options_runs_anew_and_report_shows_only_it(suite, tmp_path) -> None:
+    out = tmp_path / "out"
+    first = _plan(suite, out, methods=("lora",), seeds=(0,))
+    write_manifest(first, first.final_jobs())
+    assert run_jobs(first.final_jobs(), log=lambda _: None)["done"] == 2
+    old = {p: p.read_bytes() for p in out.glob("runs/*/*/*/result.json")}
+    second = _plan(suite, out, methods=("lora",), seeds=(0,))
+    second.option_overrides = {"lora": {"rank": "1"}}
+    log = []
+    write_manifest(second, second.final_jobs())
+    counts = run_jobs(second.final_jobs(), log=log.append)
+    assert counts["done"] == 2 and counts["skipped"] == 0 and not any("resuming" in line for line in log)
+    assert all(p.read_bytes() == b for p, b in old.items()), "the first sweep's records changed"
+    records = _records(out)
+    assert sorted(r["options"]["rank"] for r in records) == [1, 1, 2, 2]
+    md = write_report(out)["markdown"].read_text()
+    assert "2 runs of another spec" in md
+    shown = collect_records(out, {j.key for j in second.final_jobs()})
+    assert len(shown) == 2 and all(r["options"]["rank"] == 1 for r in shown)
+    assert run_jobs(second.final_jobs(), log=lambda _: None)["skipped"] == 2  # same spec: resumes, nothing redone
 
 
 def test_tune_picks_on_val_then_final(suite, tmp_path) -> None:
@@ -114,8 +166,8 @@ def test_tune_picks_on_val_then_final(suite, tmp_path) -> None:
     assert set(chosen) == {("linear", "t_nat"), ("linear", "t_struct")}
     for (method, task), (lr, _wd) in chosen.items():
         choice = json.loads((tmp_path / f"out/tune/{method}/{task}/choice.json").read_text())
-        vals = {r: json.loads((tmp_path / f"out/tune/{method}/{task}/lr{r:g}_wd0.0001/result.json").read_text())["top1"]
-                for r in (1e-3, 3e-3)}  # fmt: skip
+        vals = {r: json.loads(next((tmp_path / f"out/tune/{method}/{task}").glob(f"lr{r:g}_wd0.0001-*/result.json"))
+                              .read_text())["top1"] for r in (1e-3, 3e-3)}  # fmt: skip
         assert choice["val_top1"] == max(vals.values()) and lr == choice["lr"]
         assert all(r["eval_split"] == "val" for r in [json.loads(p.read_text())
                    for p in (tmp_path / f"out/tune/{method}/{task}").glob("*/result.json")])  # fmt: skip

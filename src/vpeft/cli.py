@@ -62,6 +62,10 @@ _TRAIN_FLAGS = {
 }  # fmt: skip
 
 
+#: bench sets each run's seed from --seeds (a --seed flag abbreviates --seeds)
+_BENCH_TRAIN_FLAGS = {k: v for k, v in _TRAIN_FLAGS.items() if k != "seed"}
+
+
 def _train_key(key: str) -> str:
     """The TrainConfig field of a flag or YAML key (``wd`` is short for ``weight_decay``)."""
     return "weight_decay" if key == "wd" else key
@@ -141,7 +145,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from vpeft.train import run
 
     spec = _spec_from_args(args)
-    record = run(spec, args.out, resume=args.resume, progress=not args.quiet)
+    record = run(spec, args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -154,6 +158,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{record['trainable_params']:,} parameters (budget {record['budget']:,}) -> {args.out}/architecture.json"
         )
         return 0
+    if record.get("reused"):
+        print(f"'{args.out}' already holds this run, finished (run {record.get('run_key')}); nothing to resume")
     print(
         f"{record['method']} on {record['task']} ({record['mode']}, {record['eval_split']}): "
         f"top-1 {record['top1']:.2f}%, trainable {record['trainable_params']:,} (w/o head), "
@@ -170,6 +176,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pretrained_file=args.pretrained_file, batch_size=args.batch_size, device=args.device,
         model_args=_parse_model_args(args.model_arg),
     )  # fmt: skip
+    for warning in result.get("warnings", []):
+        print(f"vpeft: warning: {warning}", file=sys.stderr)
     print(
         f"{result['method']} on {result['task']} ({result['split']}, {result['images']} images): top-1 {result['top1']:.2f}%"
     )
@@ -204,7 +212,7 @@ def _csv(value: str | None) -> list[str]:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from vpeft.bench import SweepPlan, check_manifest, choose_lr_wd, load_suite, run_jobs
+    from vpeft.bench import SweepPlan, choose_lr_wd, load_suite, run_jobs, write_manifest
     from vpeft.bench.sweep import parse_method_options
     from vpeft.report import write_report
 
@@ -218,7 +226,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     for m in methods:
         vpeft.get_method(m)  # unknown method: error listing the valid ones
-    train = {_train_key(k): getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    train = {_train_key(k): getattr(args, k) for k in _BENCH_TRAIN_FLAGS if getattr(args, k) is not None}
     try:
         seeds = [int(s) for s in _csv(args.seeds)] or [0]
     except ValueError:
@@ -229,9 +237,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out=out, train_overrides=train, option_overrides=parse_method_options(args.opt, methods),
         pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,
     )  # fmt: skip
-    for job in plan.final_jobs()[:: max(1, len(seeds))]:  # validate every method's options before running anything
-        vpeft.make_config(job.method, **job.spec.options)
-    check_manifest(plan)
+    final_jobs = plan.final_jobs()  # validates every method's options and reads every task before running anything
     executor = None
     if args.executor == "ray":
         from vpeft.bench.executors import ray_executor
@@ -244,17 +250,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     n_tasks, n_runs = len(suite.tasks), len(methods) * len(suite.tasks) * len(seeds)
     print(f"V-PEFT Bench: suite {suite.name} ({n_tasks} tasks), model {plan.model}, {len(methods)} methods, "
           f"seeds {seeds}, mode {args.mode}: {n_runs} runs -> {out}")  # fmt: skip
-    chosen = None
     try:
         if args.tune:
             print(f"tuning lr/wd on val: grid {plan.tune_grid()}")
             run_jobs(plan.tune_jobs(), executor)
-            chosen = choose_lr_wd(plan)
-        counts = run_jobs(plan.final_jobs(chosen), executor)
+            final_jobs = plan.final_jobs(choose_lr_wd(plan))
+        write_manifest(plan, final_jobs)
+        counts = run_jobs(final_jobs, executor)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are kept in {out}; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"sweep: {counts['done']} run, {counts['skipped']} already finished, {counts['failed']} failed")
+    busy = f", {counts['busy']} running in another process" if counts.get("busy") else ""
+    print(f"sweep: {counts['done']} run, {counts['skipped']} already finished, {counts['failed']} failed{busy}")
     if counts["done"] + counts["skipped"] == 0:
         print("no finished runs to report", file=sys.stderr)
         return 1
@@ -300,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["vtab", "fgvc"], help="transform preset (default by data kind)")
     p.add_argument("--out", required=True, help="run folder: adapter, config, log, result.json")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run in --out (kept until the new run succeeds)"
+    )
     p.add_argument("--no-pretrained", action="store_true", help="random init of the same architecture (baseline)")
     p.add_argument("--pretrained-file", help="local weights (.safetensors, .pth, .npz)")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="timm.create_model kwarg")
@@ -332,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs per run where there is no GPU")
     p.add_argument("--no-pretrained", action="store_true", help="random-init backbone (baseline)")
     p.add_argument("--pretrained-file", help="local backbone weights")
-    for key, kind in _TRAIN_FLAGS.items():
+    for key, kind in _BENCH_TRAIN_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"override training {key}")
     p.set_defaults(func=_cmd_bench)
 

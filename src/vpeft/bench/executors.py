@@ -14,15 +14,34 @@ from typing import Any
 
 from vpeft.bench.sweep import RunJob, execute_job, write_failed
 from vpeft.errors import ConfigError
-from vpeft.train.run import RESULT, write_json_atomic
 
 OnDone = Callable[[RunJob, dict[str, Any]], None]
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
+    """Worker set-up: torch threads, and exit when the sweep's process dies (even by SIGKILL)."""
+    import threading
+    import time
+
     import torch
 
     torch.set_num_threads(threads)
+    try:  # Linux: the kernel sends SIGKILL to this worker when its parent dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:  # elsewhere (and as a second guard): poll the parent
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="vpeft-parent-watch").start()
 
 
 def process_executor(jobs_in_parallel: int, threads_per_job: int | None = None):
@@ -39,7 +58,7 @@ def process_executor(jobs_in_parallel: int, threads_per_job: int | None = None):
         if not jobs:
             return
         pool = ProcessPoolExecutor(jobs_in_parallel, mp_context=get_context("spawn"), initializer=_init_worker,
-                                   initargs=(threads,))  # fmt: skip
+                                   initargs=(threads, os.getpid()))  # fmt: skip
         try:
             pending = {pool.submit(execute_job, job): job for job in jobs}
             while pending:
@@ -49,9 +68,7 @@ def process_executor(jobs_in_parallel: int, threads_per_job: int | None = None):
                     try:
                         record = future.result()
                     except Exception as exc:
-                        record = {"status": "failed", "method": job.method, "task": job.task, "seed": job.seed,
-                                  "mode": job.spec.mode, "error": f"worker process failed: {exc!r}"}  # fmt: skip
-                        write_json_atomic(Path(job.run_dir) / RESULT, record)
+                        record = write_failed(job, f"worker process failed: {exc!r}")
                     on_done(job, record)
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -2,18 +2,21 @@
 
 Layout of an output folder::
 
-    bench.json                          what the folder holds: suite, model, protocol (refuses mixing)
-    runs/<method>/<task>/seed<k>/       a run folder (adapter, config.yaml, log.jsonl, result.json)
-    tune/<method>/<task>/lr<..>_wd<..>/ tune-mode runs of --tune, and choice.json per (method, task)
+    bench.json                                  the latest sweep: suite, model, protocol, its run keys
+    runs/<method>/<task>/seed<k>-<key>/         a run folder (adapter, config.yaml, log.jsonl, result.json)
+    tune/<method>/<task>/lr<..>_wd<..>-<key>/   tune-mode runs of --tune, and choice.json per (method, task)
 
-A run whose ``result.json`` says ``status: ok`` is finished and never redone; a failed or
-interrupted run is run again by the next call.
+``<key>`` hashes the run's whole spec (:mod:`vpeft.train.identity`): backbone and weights, method and
+every option, recipe, data fingerprint, seed, mode, record version. A run whose ``result.json`` says
+``status: ok`` with the same key is finished and never redone; a sweep with other options, another lr
+or another seed gets other keys, so it runs anew in other folders and never reuses a stale record.
+A failed or interrupted run is run again by the next call. Each run holds a lock on its folder while
+it trains, so two sweeps on one folder never train the same run twice.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import time
 import traceback
 from collections.abc import Callable
@@ -22,67 +25,74 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.bench.suites import Suite
+from vpeft.data import Task, load_task
 from vpeft.errors import ConfigError, VPeftError
-from vpeft.train.run import RESULT, RunSpec, run, write_json_atomic
+from vpeft.train.folders import RESULT, RunBusyError, read_record
+from vpeft.train.identity import run_identity, run_key
+from vpeft.train.run import RECORD_VERSION, RunSpec, run, write_json_atomic
 from vpeft.train.trainer import TrainConfig
 
 MANIFEST = "bench.json"
 
 
-class SweepMismatchError(VPeftError, ValueError):
-    """The output folder holds results of another model or protocol."""
-
-
 @dataclass
 class RunJob:
-    """One (method, task, seed) run: where it lives and the spec that defines it."""
+    """One (method, task, seed) run: where it lives, the spec that defines it and the spec's key."""
 
     method: str
     task: str
     seed: int
     run_dir: Path
     spec: RunSpec
+    key: str = ""
 
     @property
     def label(self) -> str:
-        return f"{self.method} on {self.task} (seed {self.seed}, {self.spec.mode})"
+        return f"{self.method} on {self.task} (seed {self.seed}, {self.spec.mode}, run {self.key})"
 
 
 def read_result(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / RESULT
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn file cannot happen with atomic writes, but treat it as unfinished
+    """The run's record, or None when it is missing, torn, or not a JSON object (treated as unfinished)."""
+    return read_record(run_dir)
 
 
-def is_finished(run_dir: Path) -> bool:
+def is_finished(run_dir: Path, key: str | None = None) -> bool:
+    """A finished record, of the run with this key when one is given."""
     record = read_result(run_dir)
-    return record is not None and record.get("status") == "ok"
+    return record is not None and record.get("status") == "ok" and (key is None or record.get("run_key") == key)
 
 
 def execute_job(job: RunJob, progress: bool = False) -> dict[str, Any]:
-    """Run one job; any error becomes a failed record (the sweep goes on). Ctrl-C propagates."""
+    """Run one job; any error becomes a failed record (the sweep goes on). Ctrl-C propagates.
+
+    A job another process is running returns ``status: busy`` and writes nothing.
+    """
     try:
-        return run(job.spec, job.run_dir, progress=progress)
+        return run(job.spec, job.run_dir, overwrite=True, reuse_finished=True, progress=progress)
     except KeyboardInterrupt:
         raise
+    except RunBusyError as exc:
+        return {"status": "busy", "method": job.method, "task": job.task, "seed": job.seed, "error": str(exc)}
     except Exception as exc:
         record = read_result(job.run_dir)
-        if record is None or record.get("status") != "failed":  # a diverged run already wrote its own
-            record = write_failed(job, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=6))
-        return record
+        if record is not None and record.get("status") == "ok":
+            return {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}  # keep the finished one
+        return write_failed(job, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=6))
 
 
 def write_failed(job: RunJob, error: str, trace: str | None = None) -> dict[str, Any]:
-    """Record a run as failed, with its error, so the sweep goes on and the next call reruns it."""
+    """Record a run as failed, with its error, so the sweep goes on and the next call reruns it.
+
+    When even that record cannot be written (a full disk), the failure is returned, not raised.
+    """
     record = {"status": "failed", "method": job.method, "task": job.task, "seed": job.seed, "mode": job.spec.mode,
-              "error": error}  # fmt: skip
+              "run_key": job.key, "error": error}  # fmt: skip
     if trace:
         record["traceback"] = trace
-    write_json_atomic(Path(job.run_dir) / RESULT, record)
+    try:
+        write_json_atomic(Path(job.run_dir) / RESULT, record)
+    except OSError as exc:
+        record["error"] += f" (and the failure record could not be written: {exc})"
     return record
 
 
@@ -102,11 +112,14 @@ class SweepPlan:
     pretrained_file: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
 
-    def identity(self) -> dict[str, Any]:
-        """What must match for results to share a leaderboard."""
-        recipe = self._train_dict("__any__", "__any__")
-        for key in ("lr", "weight_decay", "device", "num_workers", "compile", "eval_every", "amp"):
-            recipe.pop(key, None)
+    _tasks: dict[str, Task] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.methods = list(dict.fromkeys(self.methods))  # --methods a,a runs a once
+        self.seeds = list(dict.fromkeys(self.seeds))
+
+    def describe(self) -> dict[str, Any]:
+        """What the sweep is (written to bench.json beside its run keys)."""
         return {
             "suite": self.suite.name,
             "model": self.model,
@@ -114,8 +127,20 @@ class SweepPlan:
             "pretrained": self.pretrained,
             "pretrained_file": self.pretrained_file,
             "mode": self.mode,
-            "recipe": recipe,
+            "methods": self.methods,
+            "seeds": self.seeds,
+            "train_overrides": self.train_overrides,
+            "option_overrides": self.option_overrides,
         }
+
+    def task(self, name: str) -> Task:
+        if name not in self._tasks:
+            data = next(t.data for t in self.suite.tasks if t.name == name)
+            self._tasks[name] = load_task(data)
+        return self._tasks[name]
+
+    def key(self, spec: RunSpec, task: str) -> str:
+        return run_key(run_identity(spec, self.task(task), RECORD_VERSION))
 
     def _train_dict(self, method: str, task: str) -> dict[str, Any]:
         d = self.suite.defaults
@@ -157,7 +182,8 @@ class SweepPlan:
         jobs = []
         for method, task, seed in itertools.product(self.methods, [t.name for t in self.suite.tasks], self.seeds):
             spec = self.spec(method, task, seed, self.mode, (chosen or {}).get((method, task)))
-            jobs.append(RunJob(method, task, seed, self.out / "runs" / method / task / f"seed{seed}", spec))
+            key = self.key(spec, task)
+            jobs.append(RunJob(method, task, seed, self.out / "runs" / method / task / f"seed{seed}-{key}", spec, key))
         return jobs
 
     def tune_jobs(self) -> list[RunJob]:
@@ -165,29 +191,17 @@ class SweepPlan:
         for method, task in itertools.product(self.methods, [t.name for t in self.suite.tasks]):
             for lr, wd in self.tune_grid():
                 spec = self.spec(method, task, self.seeds[0], "tune", (lr, wd))
-                jobs.append(
-                    RunJob(method, task, self.seeds[0], self.out / "tune" / method / task / f"lr{lr:g}_wd{wd:g}", spec)
-                )
+                key = self.key(spec, task)
+                folder = self.out / "tune" / method / task / f"lr{lr:g}_wd{wd:g}-{key}"
+                jobs.append(RunJob(method, task, self.seeds[0], folder, spec, key))
         return jobs
 
 
-def check_manifest(plan: SweepPlan) -> None:
-    """Write the folder's manifest, or refuse when it holds results of another model or protocol."""
-    path = plan.out / MANIFEST
-    identity = plan.identity()
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        if existing != identity:
-            diff = sorted(k for k in identity if existing.get(k) != identity[k])
-            raise SweepMismatchError(
-                f"'{plan.out}' holds results of another {' / '.join(diff)} "
-                f"({', '.join(f'{k}={existing.get(k)!r}' for k in diff)}); mixing them would make one leaderboard "
-                f"of incomparable runs. Use another --out, or delete '{plan.out}' to start over"
-            )
-        return
-    if plan.out.exists() and any((plan.out / "runs").glob("*/*/*/" + RESULT)):
-        raise SweepMismatchError(f"'{plan.out}' holds runs but no {MANIFEST}; use another --out")
-    write_json_atomic(path, identity)
+def write_manifest(plan: SweepPlan, jobs: list[RunJob]) -> None:
+    """Record the sweep and its runs' keys in bench.json: `vpeft report` aggregates exactly these runs."""
+    runs = [{"method": j.method, "task": j.task, "seed": j.seed, "run_key": j.key,
+             "folder": str(j.run_dir.relative_to(plan.out))} for j in jobs]  # fmt: skip
+    write_json_atomic(plan.out / MANIFEST, {**plan.describe(), "runs": runs})
 
 
 def _fmt(seconds: float) -> str:
@@ -200,21 +214,34 @@ def run_jobs(
     executor: Callable[[list[RunJob], Callable[[RunJob, dict[str, Any]], None]], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
-    """Run every unfinished job; finished ones are skipped. Returns counts of done/failed/skipped."""
-    todo = [j for j in jobs if not is_finished(j.run_dir)]
+    """Run every job without a finished record of its own key. Returns counts of done/failed/skipped/busy.
+
+    ``skipped``: finished before this call; ``busy``: being run by another process now (not waited for).
+    """
+    todo = [j for j in jobs if not is_finished(j.run_dir, j.key)]
     skipped = len(jobs) - len(todo)
     if skipped:
-        log(f"resuming: {skipped} of {len(jobs)} runs already finished, {len(todo)} to go")
+        log(f"resuming: {skipped} of {len(jobs)} runs already finished (same spec), {len(todo)} to go")
     counts = {"total": len(jobs), "skipped": skipped, "done": 0, "failed": 0}
     started = time.time()
 
     def on_done(job: RunJob, record: dict[str, Any]) -> None:
-        ok = record.get("status") == "ok"
-        counts["done" if ok else "failed"] += 1
-        finished = counts["done"] + counts["failed"]
+        status = record.get("status")
+        if status == "busy":
+            counts["busy"] = counts.get("busy", 0) + 1
+        elif status == "ok" and record.get("reused"):
+            counts["skipped"] += 1  # another process finished it after this sweep started
+        else:
+            counts["done" if status == "ok" else "failed"] += 1
+        finished = counts["done"] + counts["failed"] + counts.get("busy", 0) + counts["skipped"] - skipped
         elapsed = time.time() - started
-        eta = elapsed / finished * (len(todo) - finished)
-        result = f"top-1 {record['top1']:.2f}%" if ok else f"FAILED: {record.get('error', '?')[:160]}"
+        eta = elapsed / max(1, finished) * (len(todo) - finished)
+        if status == "busy":
+            result = "running in another process; skipped here"
+        elif status == "ok":
+            result = f"top-1 {record['top1']:.2f}%" + (" (finished by another process)" if record.get("reused") else "")
+        else:
+            result = f"FAILED: {record.get('error', '?')[:160]}"
         log(f"[{skipped + finished}/{len(jobs)}] {job.label}: {result} | elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}")
 
     (executor or local_executor)(todo, on_done)
@@ -230,12 +257,13 @@ def local_executor(jobs: list[RunJob], on_done: Callable[[RunJob, dict[str, Any]
 def choose_lr_wd(plan: SweepPlan) -> dict[tuple[str, str], tuple[float, float]]:
     """Best (lr, wd) per (method, task) by validation accuracy of the tune runs (ties: first in the grid)."""
     chosen = {}
+    jobs = plan.tune_jobs()
     for method, task in itertools.product(plan.methods, [t.name for t in plan.suite.tasks]):
         best, best_acc = None, -1.0
-        for lr, wd in plan.tune_grid():
-            record = read_result(plan.out / "tune" / method / task / f"lr{lr:g}_wd{wd:g}")
-            if record and record.get("status") == "ok" and record["top1"] > best_acc:
-                best, best_acc = (lr, wd), record["top1"]
+        for job in (j for j in jobs if (j.method, j.task) == (method, task)):  # grid order
+            record = read_result(job.run_dir)
+            if record and record.get("status") == "ok" and record.get("run_key") == job.key and record["top1"] > best_acc:
+                best, best_acc = (job.spec.train.lr, job.spec.train.weight_decay), record["top1"]
         if best is None:
             raise VPeftError(
                 f"--tune: every tune run of {method} on {task} failed; see {plan.out / 'tune' / method / task}"

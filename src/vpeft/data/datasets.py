@@ -75,13 +75,26 @@ def _check_labels(task: str, split: str, samples: list[Sample], num_classes: int
         if not 0 <= label < num_classes:
             raise DataError(
                 f"{where}: label {label} of '{path}' is outside the {num_classes} classes of task '{task}' "
-                f"(split '{split}'); fix the split file or pass the right number of classes"
+                f"(split '{split}'; the class count comes from the training splits); fix the split file, or pass "
+                "--num-classes with the task's true class count"
             )
+
+
+def _class_count(splits: dict[str, list[Sample]], where: str) -> int:
+    """Classes = 1 + the largest label of the training splits; test labels never size the head."""
+    labels = [label for name in ("train", "val", "trainval") for _, label in splits.get(name, [])]
+    if not labels:
+        raise DataError(f"the training splits of '{where}' are empty; check its split files")
+    return 1 + max(labels)
 
 
 def _read_list(path: Path, root: Path) -> list[Sample]:
     samples = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first path
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc}); save the split file as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line:
             continue
@@ -104,7 +117,7 @@ def load_vtab1k(root: str | Path, num_classes: int | None = None) -> Task:
         raise DataError(f"VTAB-1k task folder '{root}' lacks {', '.join(missing)} (NOAH's layout has all four)")
     splits = {s: _read_list(root / f, root) for s, f in files.items()}
     if num_classes is None:
-        num_classes = VTAB_CLASSES.get(root.name) or 1 + max(label for s in splits.values() for _, label in s)
+        num_classes = VTAB_CLASSES.get(root.name) or _class_count(splits, str(root))
     for s, samples in splits.items():
         _check_labels(root.name, s, samples, num_classes, str(root / files[s]))
     return Task(root.name, "vtab1k", str(root), num_classes, splits)
@@ -128,7 +141,7 @@ def load_fgvc(root: str | Path, num_classes: int | None = None) -> Task:
     splits = {s: [(str(image_dir / k), int(v)) for k, v in sorted(d.items())] for s, d in raw.items()}
     splits["trainval"] = splits["train"] + splits["val"]
     if num_classes is None:
-        num_classes = 1 + max(label for s in splits.values() for _, label in s)
+        num_classes = _class_count(splits, str(root))
     for s, samples in splits.items():
         _check_labels(root.name, s, samples, num_classes, str(root / f"{s}.json"))
     return Task(root.name, "fgvc", str(root), num_classes, {s: splits[s] for s in SPLITS})

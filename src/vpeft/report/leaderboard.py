@@ -18,12 +18,30 @@ RESULT = "result.json"
 MANIFEST = "bench.json"
 
 
-def collect_records(out_dir: str | Path) -> list[dict[str, Any]]:
-    """Every finished final-protocol record under ``out_dir/runs`` (tune runs and failures excluded)."""
+def collect_records(out_dir: str | Path, keys: set[str] | None = None,
+                    ignored: dict[str, int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Finished final-protocol records under ``out_dir/runs`` (tune runs and failures excluded).
+
+    With ``keys``, only the runs with those run keys (one sweep's). ``ignored`` (when given) counts
+    what was left out and why: ``other_spec``, ``unfinished``, ``unreadable``.
+    """
+    ignored = ignored if ignored is not None else {}
     records = []
     for path in sorted(Path(out_dir).glob(f"runs/*/*/*/{RESULT}")):
-        record = json.loads(path.read_text())
-        if record.get("status") == "ok":
+        if path.parent.name.startswith("."):
+            continue  # a staging folder or one mid-swap
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict) or (not {"method", "task", "top1"} <= set(record) and record.get("status") == "ok"):
+            ignored["unreadable"] = ignored.get("unreadable", 0) + 1
+            continue
+        if record.get("status") != "ok":
+            ignored["unfinished"] = ignored.get("unfinished", 0) + 1
+        elif keys is not None and record.get("run_key") not in keys:
+            ignored["other_spec"] = ignored.get("other_spec", 0) + 1
+        else:
             records.append(record)
     return records
 
@@ -200,8 +218,14 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     from vpeft.report.plot import plot_pareto
 
     out = Path(out_dir)
-    manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
-    records = collect_records(out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+    except ValueError:
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    keys = {r["run_key"] for r in manifest["runs"]} if isinstance(manifest.get("runs"), list) else None
+    ignored: dict[str, int] = {}
+    records = collect_records(out, keys, ignored)
     if not records:
         raise FileNotFoundError(f"no finished runs under '{out}/runs'; run `vpeft bench --out {out}` first")
     suite = manifest.get("suite", "")
@@ -210,6 +234,10 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     board = build_leaderboard(records, groups, suite=suite, model=manifest.get("model", ""))
     title = f"# V-PEFT Bench: {suite or 'results'} suite, {board.model}, {board.mode} protocol\n\n"
     markdown = title + to_markdown(board)
+    if ignored:
+        why = {"other_spec": "runs of another spec (other options, recipe, seed or data than this sweep's)",
+               "unfinished": "failed or unfinished runs", "unreadable": "unreadable result.json files"}  # fmt: skip
+        markdown += "\nNot in this table: " + "; ".join(f"{n} {why[k]}" for k, n in sorted(ignored.items())) + ".\n"
     if suite == "vtab1k":
         markdown += "\n" + published_markdown(board)
     paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv", "plot": out / "pareto.png"}

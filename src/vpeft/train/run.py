@@ -27,15 +27,26 @@ import yaml
 import vpeft
 from vpeft.backbones import create_backbone, file_digest
 from vpeft.config import option
-from vpeft.data import ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
-from vpeft.errors import ConfigError
+from vpeft.data import DataError, ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
+from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
 from vpeft.metrics import ppt
 from vpeft.train.feature_cache import plan_cached_prefix
-from vpeft.train.trainer import TrainConfig, Trainer, TrainingDivergedError
+from vpeft.train.folders import (
+    RESULT,
+    RunExistsError,
+    RunLock,
+    commit_staged,
+    holds_run,
+    read_record,
+    remove_stale_temporaries,
+    staging_dir,
+)
+from vpeft.train.identity import identity_diff, run_identity, run_key
+from vpeft.train.trainer import CHECKPOINT, TrainConfig, Trainer, TrainingDivergedError, distributed_from_env
 
-RESULT = "result.json"
 MODES = ("tune", "final")
-RECORD_VERSION = 1
+#: version of the record layout; part of every run's identity (a new layout never reuses old records)
+RECORD_VERSION = 2
 
 
 @dataclass
@@ -100,12 +111,20 @@ def git_commit() -> str | None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file, then rename it over ``path``: readers see the old or the new file.
+
+    On any error (a full disk, a value JSON cannot hold) the temporary file is removed and ``path`` is untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _datasets(spec: RunSpec, task: Task, model: torch.nn.Module) -> tuple[ImageDataset, ImageDataset]:
@@ -143,28 +162,133 @@ def build_model(spec: RunSpec, num_classes: int) -> torch.nn.Module:
     return vpeft.apply(model, spec.method, **spec.options)
 
 
-def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def run(
+    spec: RunSpec,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reuse_finished: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train and evaluate one run; write the adapter, ``config.yaml`` and ``result.json`` to ``out_dir``.
 
-    Bad input (data, options, model) raises before anything is written. A diverged run writes a
-    record with ``status: failed`` and the reason, then raises :class:`TrainingDivergedError`.
+    Bad input (data, options, model) raises before anything is written. A folder that already holds
+    a run is refused unless ``resume`` (continue its checkpoint; the spec must be the same) or
+    ``overwrite`` (train beside it, replace it only once the new run has succeeded).
+    ``reuse_finished`` returns the folder's record when it is a finished run of the same spec.
+    A diverged run writes a record with ``status: failed`` and raises :class:`TrainingDivergedError`.
+    The run holds a lock on its folder: a second process asking for the same run gets
+    :class:`~vpeft.train.folders.RunBusyError`.
     """
     out = Path(out_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: pass only one")
     config = vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
     if spec.method == "noah" and config.stage == "search":  # NOAH's search stage trains nothing
         from vpeft.methods.noah import search_run
 
         return search_run(spec, out)
     task = load_task(spec.data, spec.num_classes)
-    model = build_model(spec, spec.num_classes or task.num_classes)
+    check_task_splits(task, spec.mode)
+    identity = run_identity(spec, task, RECORD_VERSION)
+    key = run_key(identity)
+    model = build_model(spec, spec.num_classes or task.num_classes)  # a bad model name fails before any write
+    main_process = distributed_from_env().is_main  # under torchrun only rank 0 writes
+    lock = RunLock(out).acquire() if main_process else None
+    try:
+        work = _work_folder(out, identity, key, resume=resume, overwrite=overwrite, reuse=reuse_finished)
+        if isinstance(work, dict):
+            return work  # a finished run of the same spec
+        return _train_and_record(spec, task, model, identity, key, out, work, resume=resume, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_task_splits(task: Task, mode: str) -> None:
+    """Refuse a run whose training or evaluation split is empty (it would train on nothing, or score nothing)."""
+    train_split, eval_split = ("train", "val") if mode == "tune" else ("trainval", "test")
+    for split in (train_split, eval_split):
+        if not task.split(split):
+            raise DataError(f"the '{split}' split of task '{task.name}' ({task.root}) is empty; check its split file")
+
+
+def _work_folder(out: Path, identity: dict[str, Any], key: str, *, resume: bool, overwrite: bool, reuse: bool):
+    """Where this run trains (``out`` or its staging folder), or the finished record to reuse."""
+    existing = read_record(out)
+    if existing is not None and existing.get("status") == "ok" and (resume or reuse):
+        if existing.get("run_key") == key:
+            return {**existing, "reused": True}
+        if resume:
+            raise RunExistsError(
+                f"--resume: '{out}' holds a finished run of another spec ({_describe_diff(existing, identity)}); "
+                "pass --overwrite to replace it, or use another --out"
+            )
+    if distributed_from_env().is_main:
+        remove_stale_temporaries(out)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise RunExistsError(
+            f"--resume: no {CHECKPOINT} in '{out}' (nothing to continue); run without --resume to start afresh"
+            + (", with --overwrite to replace what is there" if holds_run(out) else "")
+        )
+    if not holds_run(out):
+        return out
+    if resume:
+        saved = _saved_identity(out)
+        if saved is not None and run_key(saved) != key:
+            raise RunExistsError(
+                f"--resume: the run in '{out}' was started with other settings "
+                f"({'; '.join(identity_diff(saved, identity)[:8])}); resume it with its own config.yaml "
+                f"(-c {out}/config.yaml), pass --overwrite to replace it, or use another --out"
+            )
+        return out
+    if overwrite or reuse:
+        return staging_dir(out)
+    what = "a finished run" if existing is not None and existing.get("status") == "ok" else "a started run"
+    raise RunExistsError(
+        f"'{out}' already holds {what}; pass --resume to continue it, --overwrite to replace it (the old files "
+        "stay until the new run succeeds), or use another --out"
+    )
+
+
+def _describe_diff(record: dict[str, Any], identity: dict[str, Any]) -> str:
+    if isinstance(record.get("identity"), dict):
+        return "; ".join(identity_diff(record["identity"], identity)[:8])
+    return f"run key {record.get('run_key')} vs {run_key(identity)}"
+
+
+def _saved_identity(out: Path) -> dict[str, Any] | None:
+    """The identity of the run a folder's config.yaml describes (None if there is none)."""
+    path = out / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = RunSpec(**(yaml.safe_load(path.read_text()) or {}))
+        return run_identity(saved, load_task(saved.data, saved.num_classes), RECORD_VERSION)
+    except (VPeftError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _train_and_record(
+    spec: RunSpec,
+    task: Task,
+    model: torch.nn.Module,
+    identity: dict[str, Any],
+    key: str,
+    out: Path,
+    work: Path,
+    *,
+    resume: bool,
+    progress: bool,
+) -> dict[str, Any]:
     train_set, eval_set = _datasets(spec, task, model)
-    trainer = Trainer(model, spec.train, out, progress=progress)
-    main_process = trainer.dist.is_main  # under torchrun only rank 0 writes
+    trainer = Trainer(model, spec.train, work, progress=progress)
+    main_process = trainer.dist.is_main
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RESULT).unlink(missing_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    base = _record_base(spec, task, model)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    base = {**_record_base(spec, task, model), "run_key": key, "identity": identity}
     if spec.train.device == "auto" and trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
     started = time.time()
@@ -184,11 +308,9 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
         history = trainer.fit(fit_set, eval_set if spec.mode == "tune" else None, resume=resume)
     except TrainingDivergedError as exc:
         if main_process:
-            write_json_atomic(out / RESULT, {**base, "status": "failed", "error": str(exc)})
+            write_json_atomic(work / RESULT, {**base, "status": "failed", "error": str(exc)})
         raise
     accuracy = history[-1].val_acc if spec.mode == "tune" else trainer.evaluate(eval_set)
-    if main_process:
-        vpeft.save_adapter(model, out)
     memory, memory_kind = trainer.peak_memory_mb()
     record = {
         **base,
@@ -210,8 +332,11 @@ def run(spec: RunSpec, out_dir: str | Path, *, resume: bool = False, progress: b
         "feature_cache": plan is not None,
     }
     if main_process:
-        write_json_atomic(out / RESULT, record)
+        vpeft.save_adapter(model, work)
         trainer.remove_checkpoint()
+        if work != out:
+            commit_staged(work, out)
+        write_json_atomic(out / RESULT, record)  # last: the record is what marks the run finished
     return record
 
 
@@ -267,13 +392,33 @@ def evaluate_adapter(
     preset: str | None = None,
     model_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a saved adapter on a split of a task."""
+    """Accuracy of a saved adapter on a split of a task.
+
+    Refuses an adapter whose head does not fit the task's class count; warns (``warnings`` in the
+    result) when the split was part of the adapter's training data.
+    """
     saved = vpeft.read_adapter_config(adapter_dir)
     num_classes = saved["backbone"]["num_classes"]
-    task = load_task(data, num_classes)
+    task = load_task(data)
+    if task.num_classes != num_classes:
+        raise AdapterMismatchError(
+            f"the adapter in '{adapter_dir}' has a {num_classes}-class head, but task '{task.name}' ({data}) has "
+            f"{task.num_classes} classes; evaluate it on the task it was trained for"
+        )
+    warnings = []
     run_config = Path(adapter_dir) / "config.yaml"
-    if run_config.is_file():  # the run's seed: a --no-pretrained backbone gets the same random weights
-        seed_everything(int((yaml.safe_load(run_config.read_text()) or {}).get("train", {}).get("seed", 0)))
+    trained = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
+    trained = trained if isinstance(trained, dict) else {}
+    if trained.get("data") and load_task(trained["data"]).name == task.name:
+        mode = trained.get("mode", "final")
+        seen = ("train",) if mode == "tune" else ("train", "val", "trainval")
+        if split in seen:
+            warnings.append(
+                f"the '{split}' split was part of this adapter's training data ({mode} mode trains on "
+                f"{'train' if mode == 'tune' else 'train+val'}): this accuracy is not a held-out score"
+            )
+    if trained:  # the run's seed: a --no-pretrained backbone gets the same random weights
+        seed_everything(int((trained.get("train") or {}).get("seed", 0)))
     model = create_backbone(
         model_name, num_classes, pretrained=pretrained, pretrained_file=pretrained_file, **(model_args or {})
     )
@@ -291,4 +436,5 @@ def evaluate_adapter(
         "top1": 100.0 * accuracy,
         "images": len(dataset),
         "method": saved["method"],
+        "warnings": warnings,
     }
