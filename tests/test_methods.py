@@ -200,7 +200,7 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         "fact_tt": 2 * d * 16 + depth * (3 + 1 + 2 + 2) * 16 * 16,
         "fact_tk": 2 * d * 32 + 32**3 + depth * (3 + 1 + 2 + 2) * 32,
         "mona": depth * 2 * (4 * d + d * 64 + 64 + 64 * (9 + 25 + 49) + 3 * 64 + 64 * 64 + 64 + 64 * d + d),
-        "prefix": depth * 10 * d + d * 512 + 512 + 512 * 2 * d + 2 * d,
+        "prefix": 10 * d + d * 512 + 512 + 512 * depth * 2 * d + depth * 2 * d,
         "lst": depth * (4 * 6 + 6 * 18 + 18 + 6 * 6 + 6 + 6 * 24 + 24 + 24 * 6 + 6)
         + depth * (d * 6 + 6)
         + depth
@@ -312,10 +312,12 @@ def test_partial_k_trains_last_blocks_and_final_norm() -> None:
     assert "norm.weight" in names and "blocks.1.attn.qkv.weight" in names
 
 
-@pytest.mark.parametrize("reparameterize", [True, False])
-def test_prefix_attention_matches_reference(reparameterize: bool) -> None:
+@pytest.mark.parametrize(
+    "options", [dict(reparameterization="shared"), dict(reparameterization="per_layer"), dict(reparameterize=False)]
+)
+def test_prefix_attention_matches_reference(options: dict) -> None:
     """Attention over [prefix; tokens], computed naively from the layer's own weights."""
-    model = vpeft.apply(make_backbone("vit_reg_cls"), "prefix", num_tokens=4, reparameterize=reparameterize).eval()
+    model = vpeft.apply(make_backbone("vit_reg_cls"), "prefix", num_tokens=4, **options).eval()
     _perturb_trainable(model)
     wrapper = model.blocks[0].attn
     attn, (pk, pv) = wrapper.base_layer, model.vpeft_prefix.layer(0)

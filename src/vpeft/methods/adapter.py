@@ -4,6 +4,12 @@ Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019 (two 
 block); Pfeiffer et al., "AdapterFusion", EACL 2021 (one adapter after the MLP, the placement
 the V-PETL benchmark uses and vpeft's default). h <- h + s * up(act(down(h))) on the sub-block's
 output h, before the block's residual. Up-projection at zero: identity at initialization.
+
+For the published adapter rows (NOAH's code, reused by V-PETL Bench): ``act=quick_gelu``
+(x * sigmoid(1.702 x)) and ``init=xavier`` (the adapter module's own init: Xavier-uniform on both
+projections, biases N(0, 1e-6)) or ``init=trunc_normal`` (what NOAH's ViT actually trains from:
+its ``init_weights`` re-initialises every Linear, the adapter's included, to trunc-normal std 0.02
+with zero biases). Neither is the identity at initialization.
 """
 
 from __future__ import annotations
@@ -20,22 +26,54 @@ from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
 from vpeft.modules import _ACTIVATIONS, Bottleneck, first_param
 
+INITS = ("zero_up", "xavier", "trunc_normal")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): CLIP's GELU approximation, the activation of NOAH's adapter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = (*_ACTIVATIONS, "quick_gelu")
+
 
 @dataclass
 class AdapterConfig(MethodConfig):
     bottleneck: int = option(8, "hidden width of each adapter")
     placement: str = option("pfeiffer", "'pfeiffer': after the MLP; 'houlsby': after attention and after the MLP")
     scale: float = option(1.0, "multiplier s on the adapter's output")
-    act: str = option("gelu", "activation inside the bottleneck: " + ", ".join(_ACTIVATIONS))
+    act: str = option("gelu", "activation inside the bottleneck: " + ", ".join(ACTIVATIONS))
     dropout: float = option(0.0, "dropout inside the bottleneck")
+    init: str = option(
+        "zero_up",
+        "'zero_up': down Kaiming-uniform, up and biases zero (identity at step 0); 'xavier': NOAH's adapter "
+        "module (Xavier-uniform, biases N(0, 1e-6)); 'trunc_normal': what NOAH's code trains from (std 0.02, "
+        "zero biases)",
+    )
 
     def validate(self) -> None:
         if self.bottleneck < 1:
             raise ConfigError(f"adapter: bottleneck must be >= 1, got {self.bottleneck}")
         if self.placement not in ("pfeiffer", "houlsby"):
             raise ConfigError(f"adapter: placement must be 'pfeiffer' or 'houlsby', got '{self.placement}'")
-        if self.act not in _ACTIVATIONS:
-            raise ConfigError(f"adapter: act must be one of {list(_ACTIVATIONS)}, got '{self.act}'")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"adapter: act must be one of {list(ACTIVATIONS)}, got '{self.act}'")
+        if self.init not in INITS:
+            raise ConfigError(f"adapter: init must be one of {list(INITS)}, got '{self.init}'")
+
+
+@torch.no_grad()
+def init_bottleneck(adapter: Bottleneck, init: str) -> None:
+    """Re-initialise a bottleneck's projections for ``init`` other than 'zero_up' (its own init)."""
+    for proj in (adapter.down, adapter.up):
+        if init == "xavier":
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.normal_(proj.bias, std=1e-6)
+        elif init == "trunc_normal":
+            nn.init.trunc_normal_(proj.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(proj.bias)
 
 
 class SequentialAdapter(BaseLayerWrapper):
@@ -43,7 +81,11 @@ class SequentialAdapter(BaseLayerWrapper):
 
     def __init__(self, base_layer: nn.Module, dim: int, config: AdapterConfig):
         super().__init__(base_layer)
-        self.adapter = Bottleneck(dim, config.bottleneck, config.act, config.dropout, like=first_param(base_layer))
+        act = config.act if config.act in _ACTIVATIONS else "identity"
+        self.adapter = Bottleneck(dim, config.bottleneck, act, config.dropout, like=first_param(base_layer))
+        if config.act == "quick_gelu":
+            self.adapter.act = QuickGELU()
+        init_bottleneck(self.adapter, config.init)
         self.scale = config.scale
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

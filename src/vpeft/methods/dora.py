@@ -5,6 +5,11 @@ output feature, initialised to the row norms of W0) and the direction's LoRA upd
 B starts at zero, so the model is unchanged at step 0. As in the paper (section 4.3), the norm is
 treated as a constant in the backward pass. Same targets as LoRA, incl. slices of a fused qkv.
 Unlike LoRA, each forward builds the adapted rows' weight to take their norms, as DoRA requires.
+
+With dropout, training computes what the official code (NVlabs/DoRA) and peft compute:
+W x + b + (m/n - 1) W drop(x) + (m/n) s B A drop(x), i.e. dropout acts on the LoRA path and on the
+magnitude correction, never on the frozen base path. Without dropout, and in eval, this is exactly
+(m/n) (W x + s B A x) + b.
 """
 
 from __future__ import annotations
@@ -44,15 +49,20 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        h = self.dropout(x)
+        dropped = self.training and not isinstance(self.dropout, nn.Identity)
+        h = self.dropout(x) if dropped else x
         bias = self.base_layer.bias
         segments, cursor = [], 0
         for i, (start, end) in enumerate(self.slices):
             segments.append(out[..., cursor:start])
-            base = out[..., start:end] if bias is None else out[..., start:end] - bias[start:end]
+            plain = out[..., start:end]
+            if dropped:  # the magnitude correction reads the dropped input, as the LoRA path does
+                base = F.linear(h, self.base_layer.weight[start:end])
+            else:
+                base = plain if bias is None else plain - bias[start:end]
             lora = F.linear(F.linear(h, self.lora_A[i]), self.lora_B[i]) * self.scaling
-            adapted = (self.magnitude[i] / self._direction_norm(i)) * (base + lora)  # the bias is not rescaled
-            segments.append(adapted if bias is None else adapted + bias[start:end])
+            ratio = self.magnitude[i] / self._direction_norm(i)
+            segments.append(plain + (ratio - 1) * base + ratio * lora)  # the bias is not rescaled
             cursor = end
         segments.append(out[..., cursor:])
         return torch.cat(segments, dim=-1)

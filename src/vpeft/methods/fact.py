@@ -5,9 +5,15 @@ Every d x d block of every adapted matrix (q, k, v, proj, and the d x d blocks o
 12 per block of a ViT with MLP ratio 4) gets the increment s * V S U^T, where U and V (d x r) are
 shared by all layers and the r x r core S is per block:
 - ``fact_tt`` (tensor-train): S is a free r x r matrix per d x d block;
-- ``fact_tk`` (Tucker): S = sum_k C[:, :, k] P[block, k], with one r x r x r core C and one row
-  of P per d x d block.
-V starts at zero (identity at initialization). Each increment is linear, so merging adds it to W.
+- ``fact_tk`` (Tucker): one r x r x r core C and one row P_j of P per d x d block (slot j).
+  ``layout=paper`` uses the paper's S_j = C x3 P_j for all 12 slots of a transformer block.
+  ``layout=official`` (the default, which produced the published FacT-TK numbers) reproduces the
+  official code (JieShibo/PETL-ViT, FacT/fact_tk.py): q, k, v and proj as in the paper, but the
+  MLP's slots are read through a reshape, so each d x d block of fc1 mixes the slots 1-4 of its
+  MLP, and fc2 contracts U^T h with the core's second axis (see :func:`_official_mlp_core`).
+V starts at zero (identity at initialization). Init as in the official code: U like the weight of
+a Linear(d, r) (uniform, bound 1/sqrt(d)), a TT core like a Linear(r * in_blocks, r); Xavier-uniform
+on the Tucker core C (r, r, r) and on P. Each increment is linear, so merging adds it to W.
 """
 
 from __future__ import annotations
@@ -37,31 +43,66 @@ class FacTTTConfig(MethodConfig):
             raise ConfigError(f"{self.method}: rank must be >= 1, got {self.rank}")
 
 
+LAYOUTS = ("official", "paper")
+
+
 @dataclass
 class FacTTKConfig(FacTTTConfig):
     rank: int = option(32, "rank r of U, V and of the r x r x r core (the paper searches 8-32 per task)")
+    layout: str = option(
+        "official",
+        "how the MLP's d x d blocks read the Tucker core: 'official' as the authors' code (and their "
+        "published numbers) does, 'paper' the paper's S_j = C x3 P_j for every block",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{self.method}: layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
 
 
 class SharedFactors(nn.Module):
-    """U, V shared by every adapted layer; for Tucker also the core C and the per-block rows P."""
+    """U, V shared by every adapted layer; for Tucker also the core C and the per-block rows P.
+
+    ``u`` and ``v`` are (d, r): the official FacTu.weight is u^T, FacTv.weight is v. ``core`` is
+    (r_U, r_V, r) and ``p`` is (blocks, r): the official FacTc and FacTp^T.
+    """
 
     def __init__(self, dim: int, rank: int, num_blocks: int, tucker: bool, like: torch.Tensor):
         super().__init__()
         kw = {"device": like.device, "dtype": like.dtype}
         self.u = nn.Parameter(torch.empty(dim, rank, **kw))
-        nn.init.kaiming_uniform_(self.u, a=math.sqrt(5))  # like the paper's code: a Linear(d, r) layer
+        nn.init.uniform_(self.u, -1 / math.sqrt(dim), 1 / math.sqrt(dim))  # the default init of a Linear(d, r)
         self.v = nn.Parameter(torch.zeros(dim, rank, **kw))
         if tucker:
             self.core = nn.Parameter(torch.empty(rank, rank, rank, **kw))
-            nn.init.uniform_(self.core, -1 / math.sqrt(rank), 1 / math.sqrt(rank))
+            nn.init.xavier_uniform_(self.core)  # bound sqrt(6 / (2 r^2)) = sqrt(3) / r
             self.p = nn.Parameter(torch.empty(num_blocks, rank, **kw))
-            nn.init.uniform_(self.p, -1 / math.sqrt(rank), 1 / math.sqrt(rank))
+            nn.init.xavier_uniform_(self.p)  # bound sqrt(6 / (r + blocks)), as on the official (r, blocks)
+
+
+def _official_mlp_core(t: torch.Tensor, role: str) -> torch.Tensor:
+    """The official code's fc1/fc2 cores, as (out_blocks, in_blocks, r_V, r_U) blocks.
+
+    ``t`` is (r_U, r_V, m): the core contracted with the m rows of P of fc1 (or of fc2). The code
+    reshapes t to an (r, m r) matrix M (column b m + j holds t[:, b, j]). fc1 multiplies U^T x by M
+    and reads the result as m blocks of r: block o, channel c is column o r + c. fc2 concatenates
+    the m blocks of U^T h and multiplies by M^T: output channel a takes row a of M, so fc2's output
+    runs along the core's first axis and its input along the second axis and the slots.
+    """
+    r, _, m = t.shape
+    mat = t.reshape(r, m, r)  # mat[a, o, c] = M[a, o r + c]
+    if role == "fc1":
+        return mat.permute(1, 2, 0).unsqueeze(1)  # S[o, 0, c, a]
+    return mat.permute(1, 0, 2).unsqueeze(0)  # S[0, i, a, a']
 
 
 class FacTLinear(DeltaWeightWrapper):
     """A Linear layer of in_blocks x out_blocks d x d blocks, each with the increment s * V S U^T."""
 
-    def __init__(self, base_layer: nn.Linear, factors: SharedFactors, first_block: int, config: FacTTTConfig):
+    def __init__(
+        self, base_layer: nn.Linear, factors: SharedFactors, first_block: int, config: FacTTTConfig, role: str = "attn"
+    ):
         super().__init__(base_layer)
         dim = factors.u.shape[0]
         if base_layer.in_features % dim or base_layer.out_features % dim:
@@ -73,6 +114,8 @@ class FacTLinear(DeltaWeightWrapper):
         self.first_block, self.scale = first_block, config.scale
         r = factors.u.shape[1]
         self.tucker = hasattr(factors, "core")
+        # only the official Tucker layout treats the MLP's layers apart; the role is fc1, fc2 or attn
+        self.role = role if self.tucker and getattr(config, "layout", "paper") == "official" else "attn"
         if not self.tucker:
             core = torch.empty(self.out_blocks, self.in_blocks, r, r, device=factors.u.device, dtype=factors.u.dtype)
             nn.init.uniform_(core, -1 / math.sqrt(r * self.in_blocks), 1 / math.sqrt(r * self.in_blocks))
@@ -89,8 +132,11 @@ class FacTLinear(DeltaWeightWrapper):
             return self.core
         f = self.factors
         rows = f.p[self.first_block : self.first_block + self.num_blocks]  # (blocks, r)
-        s = torch.einsum("abk,nk->nab", f.core, rows)
-        return s.reshape(self.out_blocks, self.in_blocks, *s.shape[-2:])
+        t = torch.einsum("abk,nk->abn", f.core, rows)  # (r_U, r_V, blocks): the official FacTc @ FacTp
+        if self.role in ("fc1", "fc2"):
+            return _official_mlp_core(t, self.role)
+        r = t.shape[0]
+        return t.permute(2, 1, 0).reshape(self.out_blocks, self.in_blocks, r, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factors
@@ -114,19 +160,20 @@ class _FacT(Method):
     tucker = False
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: FacTTTConfig) -> None:
-        layers = []
+        layers, roles = [], []
         for block in anatomy.blocks:
             if block.qkv is None:
                 raise UnsupportedBackboneError(f"{self.name}: needs the fused qkv projection of timm's ViT blocks")
             layers += [block.qkv, block.proj, block.fc1, block.fc2]
+            roles += ["attn", "attn", "fc1", "fc2"]
         dim = anatomy.embed_dim
         modules = [model.get_submodule(n) for n in layers]
         num_blocks = sum((m.in_features // dim) * (m.out_features // dim) for m in modules)
         factors = SharedFactors(dim, config.rank, num_blocks, self.tucker, like=modules[0].weight)
         model.add_module(ROOT, factors)
         first = 0
-        for name, layer in zip(layers, modules, strict=True):
-            wrapper = FacTLinear(layer, factors, first, config)
+        for name, layer, role in zip(layers, modules, roles, strict=True):
+            wrapper = FacTLinear(layer, factors, first, config, role)
             first += wrapper.num_blocks
             replace_module(model, name, wrapper)
 

@@ -5,8 +5,10 @@ Tasks" (Mona), CVPR 2025. After each sub-block the residual stream y passes
 y <- y + up(dropout(gelu(MonaOp(down(LN'(y)))))), where LN'(y) = gamma * LN(y) + gamma_x * y
 (gamma = 1e-6, gamma_x = 1 at init), down is d -> 64, and MonaOp averages depth-wise 3x3, 5x5 and
 7x7 convolutions over the patch-token grid (plus a skip), then adds a 1x1 projection. Class and
-register tokens skip the convolutions. Init as in the paper's code (default Linear/Conv init), so
-the model is not exactly unchanged at step 0.
+register tokens skip the convolutions. Init as the official code leaves it (Leiyi-Hu/mona): its
+backbone's ``init_weights`` sets every Linear, Mona's two projections included, to trunc-normal
+(std 0.02, timm's cut at +-2) with zero bias before loading the checkpoint, which holds no Mona
+weights; the convolutions keep PyTorch's default init. So the model is not unchanged at step 0.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class MonaBranch(nn.Module):
         self.projector = nn.Conv2d(r, r, 1, **kw)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.up = nn.Linear(r, dim, **kw)
+        for proj in (self.down, self.up):
+            nn.init.trunc_normal_(proj.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(proj.bias)
 
     def _mona_op(self, z: torch.Tensor) -> torch.Tensor:
         b, n, r = z.shape

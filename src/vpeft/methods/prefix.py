@@ -2,9 +2,13 @@
 
 Li and Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", ACL 2021, as applied
 to ViTs in the PETL literature. Every attention layer l attends over [P_k^l; K] and [P_v^l; V].
-While training, the prefixes are re-parameterised as the paper does: P^l = MLP(E^l), a shared
-two-layer tanh MLP (d -> hidden -> 2d) over a per-layer embedding E^l (num_tokens x d); the
-trainable count below includes that MLP. ``reparameterize=False`` trains P directly.
+While training, the prefixes are re-parameterised as the paper's code (and peft's PrefixEncoder)
+does (``reparameterization=shared``, the default): one embedding E of the prefix positions
+(num_tokens x d, N(0, 1) like an nn.Embedding) and one two-layer tanh MLP whose output holds
+every layer's keys and values, [P_k^1, P_v^1, ..., P_k^L, P_v^L] = MLP(E), d -> hidden -> 2 L d.
+``reparameterization=per_layer`` is vpeft's earlier variant: a per-layer embedding E^l through one
+shared MLP d -> hidden -> 2d. The trainable count includes the MLP. ``reparameterize=False``
+trains the prefixes directly.
 """
 
 from __future__ import annotations
@@ -24,16 +28,30 @@ from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register,
 ROOT = "vpeft_prefix"
 
 
+REPARAMETERIZATIONS = ("shared", "per_layer")
+
+
 @dataclass
 class PrefixConfig(MethodConfig):
     num_tokens: int = option(10, "prefix length: keys and values added per attention layer")
     reparameterize: bool = option(True, "compute the prefixes through an MLP while training (the paper's)")
+    reparameterization: str = option(
+        "shared",
+        "with reparameterize: 'shared' (the official code's and peft's: one embedding of the prefix positions, "
+        "one MLP producing every layer's keys and values) or 'per_layer' (a per-layer embedding through an "
+        "MLP d -> hidden -> 2d)",
+    )
     hidden: int = option(512, "hidden width of the re-parameterisation MLP")
     dropout: float = option(0.0, "dropout on the prefixes")
 
     def validate(self) -> None:
         if self.num_tokens < 1 or self.hidden < 1:
             raise ConfigError(f"prefix: num_tokens and hidden must be >= 1, got {self.num_tokens}, {self.hidden}")
+        if self.reparameterization not in REPARAMETERIZATIONS:
+            raise ConfigError(
+                f"prefix: reparameterization must be one of {', '.join(REPARAMETERIZATIONS)}, "
+                f"got '{self.reparameterization}'"
+            )
 
 
 class PrefixBank(nn.Module):
@@ -43,7 +61,13 @@ class PrefixBank(nn.Module):
         super().__init__()
         kw = {"device": like.device, "dtype": like.dtype}
         self.num_tokens, self.dim = config.num_tokens, dim
-        if config.reparameterize:
+        self.mode = config.reparameterization if config.reparameterize else "direct"
+        if self.mode == "shared":
+            self.embedding = nn.Parameter(torch.randn(config.num_tokens, dim, **kw))  # nn.Embedding's N(0, 1)
+            self.mlp = nn.Sequential(
+                nn.Linear(dim, config.hidden, **kw), nn.Tanh(), nn.Linear(config.hidden, depth * 2 * dim, **kw)
+            )
+        elif self.mode == "per_layer":
             self.embedding = nn.Parameter(torch.randn(depth, config.num_tokens, dim, **kw) * 0.02)
             self.mlp = nn.Sequential(
                 nn.Linear(dim, config.hidden, **kw), nn.Tanh(), nn.Linear(config.hidden, 2 * dim, **kw)
@@ -53,7 +77,16 @@ class PrefixBank(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.mlp(self.embedding[index]) if hasattr(self, "mlp") else self.prefix[index]
+        """Keys and values (num_tokens x d each) of attention layer ``index``."""
+        if self.mode == "shared":
+            # the MLP's output is (tokens, layer, key/value, d): only this layer's 2d columns are computed
+            hidden, out = self.mlp[1](self.mlp[0](self.embedding)), self.mlp[2]
+            cols = slice(2 * self.dim * index, 2 * self.dim * (index + 1))
+            kv = F.linear(hidden, out.weight[cols], out.bias[cols])
+        elif self.mode == "per_layer":
+            kv = self.mlp(self.embedding[index])
+        else:
+            kv = self.prefix[index]
         kv = self.dropout(kv)
         return kv[:, : self.dim], kv[:, self.dim :]
 

@@ -5,7 +5,8 @@ and register tokens and before the patch tokens, without position embeddings. VP
 inserts them before the first block; VPT-deep gives every block its own prompts, replacing the
 previous block's prompt outputs. The prompts are removed after the last block, so the model's
 own pooling (class token, average of patch tokens, attention pooling) sees its usual tokens.
-Init: uniform(-v, v), v = sqrt(6 / (3 * patch_area + dim)), the paper's Xavier variant.
+Init: uniform(-v, v), v = sqrt(6 / (3 * patch_area + dim)), the paper's Xavier variant. Prompt
+dropout defaults to 0.0, the official config's value (KMnP/vpt, MODEL.PROMPT.DROPOUT).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from vpeft.modules import first_param
 @dataclass
 class VPTShallowConfig(MethodConfig):
     num_tokens: int = option(100, "number of prompt tokens (VPT searched 1-200 per task; 100 ~ V-PETL's 0.08M)")
-    dropout: float = option(0.1, "dropout on the prompt embeddings")
+    dropout: float = option(
+        0.0,
+        "dropout on the prompt embeddings (the official config's default, 0.0; VPT's demo sets 0.1 in its "
+        "VPT-deep reproduction runs)",
+    )
 
     def validate(self) -> None:
         if self.num_tokens < 1:
