@@ -196,7 +196,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     if state is None:
         apply(model, saved["method"], **saved["options"])
-    tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    weights_path = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(weights_path))
+    except FileNotFoundError:
+        raise AdapterMismatchError(f"no {ADAPTER_WEIGHTS} in '{directory}'; the adapter folder is incomplete") from None
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        raise AdapterMismatchError(
+            f"{weights_path} is damaged or not a safetensors file ({exc}); save or copy the adapter again"
+        ) from None
     wanted = trainable_parameters(model)
     missing = sorted(set(wanted) - set(tensors))
     unexpected = sorted(set(tensors) - set(wanted))

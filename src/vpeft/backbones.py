@@ -85,11 +85,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # truncated or foreign file
+            raise BackboneError(f"'{path}' is damaged or not a safetensors file ({exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"'{path}' is not a weights file torch can load safely ({exc})") from exc
+        raise BackboneError(
+            f"'{path}' is not a weights file torch can load safely ({type(exc).__name__}: {str(exc)[:200]}); "
+            "only tensors are read (weights_only), never pickled code"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -106,7 +112,13 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise BackboneError(f"{type(model).__name__} cannot read Google .npz checkpoints; convert to .safetensors")
-        model.load_pretrained(str(path))
+        try:
+            model.load_pretrained(str(path))
+        except (ValueError, KeyError, OSError, EOFError) as exc:  # np.load refuses pickled objects
+            raise BackboneError(
+                f"'{path}' is not a Google .npz checkpoint this model can read ({type(exc).__name__}: {exc}); "
+                "pickled objects are never loaded"
+            ) from None
         return
     state = read_state_dict(path)
     module = sys.modules.get(type(model).__module__)

@@ -36,12 +36,15 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    import timm
+    import copy
 
+    from vpeft.backbones import create_backbone
+
+    base = create_backbone(args.model, args.num_classes, pretrained=False)  # built once, copied per method
+    total = vpeft.count_parameters(base)
     rows = []
     for m in vpeft.list_methods():
-        model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes)
-        total = vpeft.count_parameters(model)
+        model = copy.deepcopy(base)
         try:
             vpeft.apply(model, m["name"])
         except vpeft.UnsupportedBackboneError as exc:
@@ -96,12 +99,24 @@ def _spec_from_args(args: argparse.Namespace):
     base: dict = {}
     if args.config:
         try:
-            with open(args.config) as f:
+            with open(args.config, encoding="utf-8-sig") as f:
                 base = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file '{args.config}' does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"-c '{args.config}' is a folder; pass a YAML file (e.g. <run folder>/config.yaml)"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{args.config}' is not valid YAML: {exc}") from None
         if not isinstance(base, dict):
             raise ConfigError(f"config file '{args.config}' must hold a mapping of options")
+    for section in ("train", "options", "model_args"):
+        if not isinstance(base.get(section) or {}, dict):
+            raise ConfigError(
+                f"'{section}' in config file '{args.config}' must be a mapping (key: value lines), "
+                f"got {type(base[section]).__name__}"
+            )
     train = {_train_key(k): v for k, v in (base.pop("train", {}) or {}).items()}
     for key in list(base):
         if key in _TRAIN_FLAGS or key == "weight_decay":
@@ -132,10 +147,11 @@ def _spec_from_args(args: argparse.Namespace):
     unknown = sorted(set(base) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; valid: {sorted(known | set(_TRAIN_FLAGS))}")
-    try:
-        train_cfg = TrainConfig(**train)
-    except TypeError as exc:
-        raise ConfigError(f"bad training option: {exc}") from None
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(train) - train_fields)
+    if unknown:
+        raise ConfigError(f"unknown training option(s) {unknown}; valid: {sorted(train_fields)}")
+    train_cfg = TrainConfig(**train)
     if not base.get("data"):
         raise ConfigError("no dataset given; pass --data kind:path (vtab1k:, fgvc:, folder:, mini:)")
     return RunSpec(**base, options=options, train=train_cfg)
@@ -174,7 +190,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_adapter(
         args.model, args.adapter, args.data, split=args.split, pretrained=not args.no_pretrained,
         pretrained_file=args.pretrained_file, batch_size=args.batch_size, device=args.device,
-        model_args=_parse_model_args(args.model_arg),
+        model_args=_parse_model_args(args.model_arg), skip_bad_images=args.skip_bad_images,
     )  # fmt: skip
     for warning in result.get("warnings", []):
         print(f"vpeft: warning: {warning}", file=sys.stderr)
@@ -235,7 +251,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     plan = SweepPlan(
         suite=suite, model=args.model or suite.defaults["model"], methods=methods, seeds=seeds, mode=args.mode,
         out=out, train_overrides=train, option_overrides=parse_method_options(args.opt, methods),
-        pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file,
+        pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file, skip_bad_images=args.skip_bad_images,
     )  # fmt: skip
     final_jobs = plan.final_jobs()  # validates every method's options and reads every task before running anything
     executor = None
@@ -342,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs per run where there is no GPU")
     p.add_argument("--no-pretrained", action="store_true", help="random-init backbone (baseline)")
     p.add_argument("--pretrained-file", help="local backbone weights")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
     for key, kind in _BENCH_TRAIN_FLAGS.items():
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"override training {key}")
     p.set_defaults(func=_cmd_bench)
@@ -354,12 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the backbone the adapter was trained on")
     p.add_argument("--adapter", required=True, help="run folder holding adapter.safetensors")
     p.add_argument("--data", required=True, help="dataset spec")
-    p.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
-    p.add_argument("--no-pretrained", action="store_true")
-    p.add_argument("--pretrained-file")
+    p.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"], help="split to score")
+    p.add_argument("--no-pretrained", action="store_true", help="the adapter was trained on a random-init backbone")
+    p.add_argument("--pretrained-file", help="local backbone weights the adapter was trained on")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="timm.create_model kwarg")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size (default 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
     p.set_defaults(func=_cmd_eval)
     return parser
 
@@ -370,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (VPeftError, FileNotFoundError) as exc:
         print(f"vpeft: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only folder, a full disk: the message names the path
+        print(f"vpeft: error: {exc}; check that the path exists, is writable and its disk has space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vpeft: interrupted; finished work is kept (train: rerun with --resume)", file=sys.stderr)

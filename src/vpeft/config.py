@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import field
 from typing import Any
@@ -44,15 +45,47 @@ def convert_value(owner: str, name: str, value: Any, hint: Any) -> Any:
             return [
                 convert_value(owner, name, item.strip() if isinstance(item, str) else item, inner) for item in items
             ]
-        if hint is bool and isinstance(value, str):
-            lowered = value.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError(value)
-            return lowered in ("true", "1", "yes")
-        if hint in (int, float) and isinstance(value, str):
-            return hint(value)
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-    except ValueError as exc:
-        raise ConfigError(f"option '{name}' of '{owner}' expects {hint}, got {value!r}") from exc
+            return lowered in ("true", "1", "yes", "on")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, float):  # 2.0 is an integer; 1.7 is not
+                if not value.is_integer():
+                    raise ValueError(value)
+                return int(value)
+            return int(value) if isinstance(value, str) else value
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = float(value) if isinstance(value, (str, int)) else value  # YAML 1.1 reads 3e-3 as a string
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ArithmeticError(value)
+            return number
+        if hint is str and isinstance(value, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            return "on" if value else "off"
+        if hint is str and not isinstance(value, str):
+            raise ValueError(value)
+        if origin is dict and not isinstance(value, dict):
+            raise ValueError(value)
+    except ArithmeticError:
+        raise ConfigError(f"option '{name}' of '{owner}' must be a finite number, got {value!r}") from None
+    except (ValueError, TypeError) as exc:
+        kind = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"option '{name}' of '{owner}' expects {kind}, got {value!r}") from exc
     return value
+
+
+def coerce_fields(obj: Any, owner: str) -> None:
+    """Convert every field of a dataclass instance to its declared type in place (YAML and CLI strings)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            continue
+        setattr(obj, f.name, convert_value(owner, f.name, getattr(obj, f.name), hint))

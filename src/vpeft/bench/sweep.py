@@ -111,6 +111,7 @@ class SweepPlan:
     pretrained: bool = True
     pretrained_file: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    skip_bad_images: bool = False
 
     _tasks: dict[str, Task] = field(default_factory=dict, repr=False)
 
@@ -127,6 +128,7 @@ class SweepPlan:
             "pretrained": self.pretrained,
             "pretrained_file": self.pretrained_file,
             "mode": self.mode,
+            "skip_bad_images": self.skip_bad_images,
             "methods": self.methods,
             "seeds": self.seeds,
             "train_overrides": self.train_overrides,
@@ -170,6 +172,7 @@ class SweepPlan:
             mode=mode,
             pretrained=self.pretrained,
             pretrained_file=self.pretrained_file,
+            skip_bad_images=self.skip_bad_images,
             train=TrainConfig(**train),
         )
 
@@ -262,7 +265,12 @@ def choose_lr_wd(plan: SweepPlan) -> dict[tuple[str, str], tuple[float, float]]:
         best, best_acc = None, -1.0
         for job in (j for j in jobs if (j.method, j.task) == (method, task)):  # grid order
             record = read_result(job.run_dir)
-            if record and record.get("status") == "ok" and record.get("run_key") == job.key and record["top1"] > best_acc:
+            if (
+                record
+                and record.get("status") == "ok"
+                and record.get("run_key") == job.key
+                and record["top1"] > best_acc
+            ):
                 best, best_acc = (job.spec.train.lr, job.spec.train.weight_decay), record["top1"]
         if best is None:
             raise VPeftError(

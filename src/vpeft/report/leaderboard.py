@@ -34,7 +34,9 @@ def collect_records(out_dir: str | Path, keys: set[str] | None = None,
             record = json.loads(path.read_text())
         except (OSError, ValueError, UnicodeDecodeError):
             record = None
-        if not isinstance(record, dict) or (not {"method", "task", "top1"} <= set(record) and record.get("status") == "ok"):
+        if not isinstance(record, dict) or (
+            not {"method", "task", "top1"} <= set(record) and record.get("status") == "ok"
+        ):
             ignored["unreadable"] = ignored.get("unreadable", 0) + 1
             continue
         if record.get("status") != "ok":

@@ -26,7 +26,7 @@ import yaml
 
 import vpeft
 from vpeft.backbones import create_backbone, file_digest
-from vpeft.config import option
+from vpeft.config import coerce_fields, option
 from vpeft.data import DataError, ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
 from vpeft.metrics import ppt
@@ -74,21 +74,29 @@ class RunSpec:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
         # YAML 1.1 reads a bare off/on as booleans
         if isinstance(self.feature_cache, bool):
             self.feature_cache = "auto" if self.feature_cache else "off"
         if isinstance(self.cache_images, bool):
             self.cache_images = "on" if self.cache_images else "off"
+        coerce_fields(self, "run")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"--num-classes must be >= 2, got {self.num_classes}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.feature_cache not in ("auto", "off"):
             raise ConfigError(f"feature_cache must be auto or off, got '{self.feature_cache}'")
         if self.feature_cache_gb < 0:
             raise ConfigError(f"feature_cache_gb must be >= 0, got {self.feature_cache_gb}")
         if self.cache_images not in ("auto", "on", "off"):
             raise ConfigError(f"cache_images must be auto, on or off, got '{self.cache_images}'")
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**self.train)
+        if self.pretrained_file is not None and self.model.startswith("vpeft/"):
+            raise ConfigError(
+                f"--pretrained-file cannot be used with the embedded backbone '{self.model}' (it ships its own "
+                "weights); pass a timm model name with the file, or drop --pretrained-file"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -391,6 +399,7 @@ def evaluate_adapter(
     device: str = "auto",
     preset: str | None = None,
     model_args: dict[str, Any] | None = None,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of a saved adapter on a split of a task.
 
@@ -425,7 +434,9 @@ def evaluate_adapter(
     vpeft.load_adapter(model, adapter_dir)
     preset = preset or ("fgvc" if task.kind == "fgvc" else "vtab")
     geometry, normalize = build_transform(input_config(model), preset, train=False)
-    dataset = ImageDataset(task.split(split), geometry, normalize=normalize, read=task.read)
+    dataset = ImageDataset(
+        task.split(split), geometry, normalize=normalize, read=task.read, skip_bad_images=skip_bad_images
+    )
     trainer = Trainer(
         model, TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch_size, device=device), progress=False
     )

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vpeft.api import trainable_parameters
-from vpeft.config import option
+from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.metrics import top1_correct
 
@@ -52,17 +52,64 @@ class TrainConfig:
     eval_every: int = option(0, "evaluate on the validation split every N epochs (0: only after the last)")
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ConfigError(f"amp must be auto, bf16, fp16 or off, got '{self.amp}'")
+        """Refuse values that would crash later or train silently wrong; each message names the flag."""
+
+        def bad(flag: str, rule: str, value: Any) -> ConfigError:
+            return ConfigError(f"--{flag} (training option '{flag.replace('-', '_')}') {rule}, got {value!r}")
+
+        if self.epochs < 1:
+            raise bad("epochs", "must be >= 1", self.epochs)
+        if self.batch_size < 1:
+            raise bad("batch-size", "must be >= 1", self.batch_size)
+        if not self.lr > 0:
+            raise bad("lr", "must be > 0", self.lr)
+        if self.weight_decay < 0:
+            raise bad("wd", "must be >= 0", self.weight_decay)
         if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+            raise ConfigError(
+                f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs} (the warm-up default is 10); "
+                f"pass --warmup-epochs between 0 and {self.epochs}"
+            )
+        if not self.warmup_lr >= 0:
+            raise bad("warmup-lr", "must be >= 0 (the rate the warm-up starts from)", self.warmup_lr)
+        if not self.min_lr >= 0:
+            raise bad("min-lr", "must be >= 0 (the rate the cosine schedule ends at)", self.min_lr)
+        if not 0 <= self.label_smoothing < 1:
+            raise bad("label-smoothing", "must be in [0, 1)", self.label_smoothing)
+        if not 0 <= self.drop_path < 1:
+            raise bad("drop-path", "must be in [0, 1) (a probability)", self.drop_path)
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise bad(
+                "clip-grad", "must be > 0 (a gradient-norm limit; leave it unset for no clipping)", self.clip_grad
+            )
+        if not 0 <= self.seed < 2**32:
+            raise bad("seed", "must be in [0, 2**32)", self.seed)
+        if self.num_workers < 0:
+            raise bad("num-workers", "must be >= 0 (0 loads data in the training process)", self.num_workers)
+        if self.eval_every < 0:
+            raise bad("eval-every", "must be >= 0 (0: evaluate only after the last epoch)", self.eval_every)
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise bad("amp", "must be auto, bf16, fp16 or off", self.amp)
+        check_device(self.device)
 
     def __post_init__(self) -> None:
+        coerce_fields(self, "train")
         self.validate()
+
+
+def check_device(name: str) -> None:
+    """Refuse a device name torch does not know, or CUDA on a machine without it, with the fix."""
+    try:
+        device = torch.device("cpu" if name == "auto" else name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"--device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -247,7 +294,15 @@ class Trainer:
         path = self.out_dir / CHECKPOINT if self.out_dir else None
         if path is None or not path.is_file():
             raise VPeftError(f"--resume: no {CHECKPOINT} in '{self.out_dir}'; run without --resume to start afresh")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated, or holds pickled objects that weights_only refuses
+            raise VPeftError(
+                f"{path} cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]}); it is damaged or not a "
+                "vpeft checkpoint. Start afresh with --overwrite"
+            ) from None
+        if not isinstance(state, dict) or not isinstance(state.get("trainable"), dict):
+            raise VPeftError(f"{path} is not a vpeft checkpoint; start afresh with --overwrite")
         if set(state["trainable"]) != set(self.params):
             raise VPeftError(f"{path} was written for another method or model; use a fresh --out folder")
         with torch.no_grad():
@@ -329,6 +384,11 @@ class Trainer:
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
                 finite = bool(flag.item())
                 loss_value = loss_value if math.isfinite(loss_value) else float("nan")
+            if not finite and step == 0:
+                raise TrainingDivergedError(
+                    f"the loss was {loss_value} at the very first step, before any update: the model's output is not "
+                    "finite at initialisation; check the method's options, the backbone weights and the input data"
+                )
             if not finite:
                 raise TrainingDivergedError(
                     f"the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; lower the learning rate "
