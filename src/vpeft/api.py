@@ -163,6 +163,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise AdapterMismatchError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from exc
 
 
+#: options whose default changed to follow the official code: an adapter saved without the option was
+#: trained with the old value, which it keeps (method -> option -> value before the change)
+_PRE_OFFICIAL_DEFAULTS = {"fact_tk": {"layout": "paper"}, "prefix": {"reparameterization": "per_layer"}}
+
+
+def _legacy_defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A saved config that predates an option gets the value it was trained with, not today's default."""
+    return {**_PRE_OFFICIAL_DEFAULTS.get(method, {}), **options}
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Apply the saved method to ``model`` (a fresh timm model of the same backbone) and load its weights."""
     saved = read_adapter_config(directory)
@@ -195,7 +205,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             stacklevel=2,
         )
     if state is None:
-        apply(model, saved["method"], **saved["options"])
+        apply(model, saved["method"], **_legacy_defaults(saved["method"], saved["options"]))
     weights_path = Path(directory) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))
