@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vpeft
+
 from conftest import make_backbone, make_input
 
 
