@@ -294,3 +294,4 @@ def list_methods() -> list[dict[str, Any]]:
         }
         for m in registered_methods()
     ]
+            "backbone_notes": dict(getattr(m, "backbone_notes", {})),

@@ -20,11 +20,15 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
+def _backbones_cell(method: dict) -> str:
+    notes = method.get("backbone_notes", {})
+    return ", ".join(f"{b} ({notes[b].split(':')[0]})" if b in notes else b for b in method["backbones"])
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     methods = vpeft.list_methods()
     rows = [
-        [m["name"], m["family"], m["paper"], ", ".join(m["backbones"]), "yes" if m["mergeable"] else "no"]
-        for m in methods
+        [m["name"], m["family"], m["paper"], _backbones_cell(m), "yes" if m["mergeable"] else "no"] for m in methods
     ]
     print(format_table(rows, ["method", "family", "paper", "backbones", "mergeable"]))
     if args.options:
@@ -57,20 +61,54 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-#: --flag -> (section, key) of RunSpec / TrainConfig; None defaults let YAML values through
-_TRAIN_FLAGS = {
-    "epochs": int, "batch_size": int, "lr": float, "wd": float, "warmup_epochs": int, "warmup_lr": float,
-    "min_lr": float, "label_smoothing": float, "drop_path": float, "clip_grad": float, "seed": int,
-    "amp": str, "num_workers": int, "device": str, "eval_every": int,
-}  # fmt: skip
+#: extra spellings of generated flags
+_FLAG_ALIASES = {"weight_decay": ["--wd"]}
+#: RunSpec fields with hand-written flags (--opt, --model-arg) or none (the nested recipe)
+_RUN_SPECIAL = ("options", "model_args", "train")
 
 
-#: bench sets each run's seed from --seeds (a --seed flag abbreviates --seeds)
-_BENCH_TRAIN_FLAGS = {k: v for k, v in _TRAIN_FLAGS.items() if k != "seed"}
+def _add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, title: str, exclude: Sequence[str] = (), prefix: str = ""
+) -> list[str]:
+    """One flag per dataclass field, with its type, default, choices and help from the field's metadata.
+
+    Flags default to None so that values from a YAML config pass through; the help shows the field's
+    default. Booleans get ``--x`` / ``--no-x``. Returns the field names that got a flag.
+    """
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(title)
+    names = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) is not None:  # X | None -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "")
+        help_text = f"{prefix}{text}" + (f" (default: {default})" if default not in (None, "") else "")
+        flags = ["--" + f.name.replace("_", "-"), *_FLAG_ALIASES.get(f.name, [])]
+        if kind is bool:
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(*flags, dest=f.name, type=kind if kind in (int, float) else str, default=None,
+                               choices=choices, metavar=None if choices else kind.__name__.upper(),
+                               help=help_text)  # fmt: skip
+        names.append(f.name)
+    return names
+
+
+def _train_fields() -> list[str]:
+    from vpeft.train import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 def _train_key(key: str) -> str:
-    """The TrainConfig field of a flag or YAML key (``wd`` is short for ``weight_decay``)."""
+    """The TrainConfig field of a YAML key (``wd`` is short for ``weight_decay``)."""
     return "weight_decay" if key == "wd" else key
 
 
@@ -117,36 +155,27 @@ def _spec_from_args(args: argparse.Namespace):
                 f"'{section}' in config file '{args.config}' must be a mapping (key: value lines), "
                 f"got {type(base[section]).__name__}"
             )
+    train_names = _train_fields()
     train = {_train_key(k): v for k, v in (base.pop("train", {}) or {}).items()}
-    for key in list(base):
-        if key in _TRAIN_FLAGS or key == "weight_decay":
+    for key in list(base):  # recipe keys may also sit at the top level of the YAML
+        if _train_key(key) in train_names:
             train[_train_key(key)] = base.pop(key)
-    for key in _TRAIN_FLAGS:
-        value = getattr(args, key)
+    for key in train_names:
+        value = getattr(args, key, None)
         if value is not None:
-            train[_train_key(key)] = value
-    if args.compile:
-        train["compile"] = True
+            train[key] = value
     options = dict(base.pop("options", {}) or {})
     options.update(_parse_opts(args.opt))
-    for key in ("model", "data", "method", "mode", "preset", "pretrained_file", "num_classes"):
-        value = getattr(args, key)
+    for f in dataclasses.fields(RunSpec):
+        value = getattr(args, f.name, None) if f.name not in _RUN_SPECIAL else None
         if value is not None:
-            base[key] = value
+            base[f.name] = value
     if args.model_arg:
         base["model_args"] = {**(base.get("model_args") or {}), **_parse_model_args(args.model_arg)}
-    if args.no_pretrained:
-        base["pretrained"] = False
-    if args.skip_bad_images:
-        base["skip_bad_images"] = True
-    if args.cache_images is not None:
-        base["cache_images"] = args.cache_images
-    if args.feature_cache is not None:
-        base["feature_cache"] = args.feature_cache
     known = {f.name for f in dataclasses.fields(RunSpec)}
     unknown = sorted(set(base) - known)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; valid: {sorted(known | set(_TRAIN_FLAGS))}")
+        raise ConfigError(f"unknown config key(s) {unknown}; valid: {sorted(known | set(train_names))}")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(train) - train_fields)
     if unknown:
@@ -201,25 +230,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    if args.suite != "mini":
-        raise ConfigError(f"`vpeft tasks` lists the embedded suite only; unknown suite '{args.suite}' (use: mini)")
-    from vpeft.assets.mini import suite_sheet
+    if args.suite == "mini":
+        from vpeft.assets.mini import suite_sheet
 
-    sheet = suite_sheet()
-    rows = [
-        [
-            name,
-            t["group"],
-            t["num_classes"],
-            t["sizes"]["train"],
-            t["sizes"]["val"],
-            t["sizes"]["test"],
-            t["description"],
-        ]
-        for name, t in sheet["tasks"].items()
-    ]
-    print(f"mini suite: {len(rows)} tasks, {sheet['image_size']}x{sheet['image_size']} px; use --data mini:<task>")
-    print(format_table(rows, ["task", "group", "classes", "train", "val", "test", "what"]))
+        sheet = suite_sheet()
+        rows = [[name, t["group"], t["num_classes"], t["sizes"]["train"], t["sizes"]["val"], t["sizes"]["test"],
+                 t["description"]] for name, t in sheet["tasks"].items()]  # fmt: skip
+        print(f"mini suite: {len(rows)} tasks, {sheet['image_size']}x{sheet['image_size']} px; use --data mini:<task>")
+        print(format_table(rows, ["task", "group", "classes", "train", "val", "test", "what"]))
+        return 0
+    from vpeft.bench import load_suite
+    from vpeft.data import load_task
+
+    suite = load_suite(args.suite, args.root)
+    rows = []
+    for t in suite.tasks:
+        task = load_task(t.data)
+        sizes = [len(task.split(s)) for s in ("train", "val", "test")]
+        rows.append([t.name, t.group, task.num_classes, *sizes, t.data])
+    print(f"{suite.name} suite: {len(rows)} tasks under {args.root}")
+    print(format_table(rows, ["task", "group", "classes", "train", "val", "test", "data"]))
     return 0
 
 
@@ -242,7 +272,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         ]
     for m in methods:
         vpeft.get_method(m)  # unknown method: error listing the valid ones
-    train = {_train_key(k): getattr(args, k) for k in _BENCH_TRAIN_FLAGS if getattr(args, k) is not None}
+    train = {k: getattr(args, k) for k in _train_fields() if getattr(args, k, None) is not None}
     try:
         seeds = [int(s) for s in _csv(args.seeds)] or [0]
     except ValueError:
@@ -291,9 +321,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from vpeft.report import write_report
 
-    paths = write_report(args.out)
+    paths = write_report(args.out, html=args.html, curves=not args.no_curves)
     print(paths["markdown"].read_text())
     print(f"leaderboard: {paths['markdown']} and {paths['csv']}; Pareto plot: {paths['plot']}")
+    if "curves" in paths:
+        print(f"training curves: {paths['curves']}/<task>.png")
+    if "html" in paths:
+        print(f"HTML leaderboard (self-contained): {paths['html']}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from vpeft.report.compare import compare_runs, format_comparison, plot_comparison
+
+    comparison = compare_runs(args.run_a, args.run_b)
+    print(format_comparison(comparison, all_options=args.all_options), end="")
+    if args.plot:
+        print(f"\ncurves side by side: {plot_comparison(comparison, args.plot)}")
     return 0
 
 
@@ -309,36 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=100, help="classes of the classifier head")
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser("tasks", help="list the tasks of the embedded mini suite")
-    p.add_argument("suite", nargs="?", default="mini", help="suite name (mini)")
+    p = sub.add_parser("tasks", help="list a suite's tasks with classes and split sizes")
+    p.add_argument("suite", nargs="?", default="mini", help="mini (embedded, default), vtab1k or fgvc")
+    p.add_argument("--root", help="folder holding the suite's tasks (vtab1k, fgvc)")
     p.set_defaults(func=_cmd_tasks)
 
     p = sub.add_parser("train", help="train one method on one task (tune: train->val, final: train+val->test)")
     p.add_argument("-c", "--config", help="YAML file with run options; command-line flags override it")
-    p.add_argument("--model", help="timm model name or embedded vpeft/... backbone")
-    p.add_argument("--data", help="vtab1k:<dir>, fgvc:<dir>, folder:<dir> or mini:<task>")
-    p.add_argument("--method", help="PEFT method (see `vpeft methods`)")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
-    p.add_argument("--mode", choices=["tune", "final"], help="protocol mode (default final)")
-    p.add_argument("--preset", choices=["vtab", "fgvc"], help="transform preset (default by data kind)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, repeatable (each method's options: `vpeft methods --options`)")  # fmt: skip
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="timm.create_model kwarg")
     p.add_argument("--out", required=True, help="run folder: adapter, config, log, result.json")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the run in --out (kept until the new run succeeds)"
     )
-    p.add_argument("--no-pretrained", action="store_true", help="random init of the same architecture (baseline)")
-    p.add_argument("--pretrained-file", help="local weights (.safetensors, .pth, .npz)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="timm.create_model kwarg")
-    p.add_argument("--num-classes", type=int, help="override the task's class count")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
-    p.add_argument("--cache-images", choices=["auto", "on", "off"], help="keep decoded inputs in memory")
-    p.add_argument(
-        "--feature-cache", choices=["auto", "off"], help="train from cached frozen-prefix features where exact"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for key, kind in _TRAIN_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"training {key}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
+    from vpeft.train import RunSpec, TrainConfig
+
+    _add_dataclass_flags(p, RunSpec, "run options (YAML top-level keys)", exclude=_RUN_SPECIAL)
+    _add_dataclass_flags(p, TrainConfig, "training recipe (YAML key `train:`)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("bench", help="a resumable sweep over methods x tasks x seeds, then the leaderboard")
@@ -359,13 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pretrained", action="store_true", help="random-init backbone (baseline)")
     p.add_argument("--pretrained-file", help="local backbone weights")
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images and count them")
-    for key, kind in _BENCH_TRAIN_FLAGS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"override training {key}")
+    _add_dataclass_flags(p, TrainConfig, "training recipe (overrides the suite's)", exclude=("seed",))
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("report", help="leaderboard (Markdown, CSV) and Pareto plot of a bench folder")
+    p = sub.add_parser("report", help="leaderboard (Markdown, CSV, HTML), Pareto plot and curves of a bench folder")
     p.add_argument("out", help="the bench output folder")
+    p.add_argument("--html", action="store_true", help="also leaderboard.html: one self-contained interactive page")
+    p.add_argument("--no-curves", action="store_true", help="skip the per-task training curves (curves/<task>.png)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="two run folders side by side: differing options, metrics, curves")
+    p.add_argument("run_a", metavar="RUN_A", help="run folder (or its result.json)")
+    p.add_argument("run_b", metavar="RUN_B", help="run folder (or its result.json)")
+    p.add_argument("--all-options", action="store_true", help="also list the options the two runs share")
+    p.add_argument("--plot", metavar="PNG", help="also write both runs' curves side by side to this PNG")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("eval", help="accuracy of a saved adapter on a task split")
     p.add_argument("--model", required=True, help="the backbone the adapter was trained on")

@@ -11,11 +11,13 @@ from typing import Any
 from vpeft.errors import ConfigError
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with help text (shown by ``vpeft methods --options`` and ``--help``)."""
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with help text and optional choices (shown by ``vpeft methods --options`` and ``--help``;
+    command-line flags are generated from them)."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 def convert_options(cls: type, owner: str, options: dict[str, Any]) -> dict[str, Any]:

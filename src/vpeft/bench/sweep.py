@@ -62,13 +62,25 @@ def is_finished(run_dir: Path, key: str | None = None) -> bool:
     return record is not None and record.get("status") == "ok" and (key is None or record.get("run_key") == key)
 
 
-def execute_job(job: RunJob, progress: bool = False) -> dict[str, Any]:
+def execute_job(job: RunJob, progress: bool = False, progress_lines: bool = True) -> dict[str, Any]:
     """Run one job; any error becomes a failed record (the sweep goes on). Ctrl-C propagates.
 
-    A job another process is running returns ``status: busy`` and writes nothing.
+    A job another process is running returns ``status: busy`` and writes nothing. ``progress_lines``
+    prints one line per epoch of the run (with the run's ETA).
     """
+    epochs = job.spec.train.epochs
+    started = time.time()
+
+    def on_epoch(stats: Any) -> None:
+        if not progress_lines:
+            return
+        eta = (time.time() - started) / stats.epoch * (epochs - stats.epoch)
+        val = f", val {100 * stats.val_acc:.2f}%" if stats.val_acc is not None else ""
+        print(f"    {job.method} on {job.task} (seed {job.seed}): epoch {stats.epoch}/{epochs}, "
+              f"loss {stats.train_loss:.3f}{val}, {stats.images_per_s:.0f} img/s, run ETA {_fmt(eta)}", flush=True)  # fmt: skip
+
     try:
-        return run(job.spec, job.run_dir, overwrite=True, reuse_finished=True, progress=progress)
+        return run(job.spec, job.run_dir, overwrite=True, reuse_finished=True, progress=progress, on_epoch=on_epoch)
     except KeyboardInterrupt:
         raise
     except RunBusyError as exc:

@@ -15,6 +15,7 @@ magnitude correction, never on the frozen base path. Without dropout, and in eva
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,8 @@ class DoRA(Method):
     family = "partial/reparameterization"
     paper = "Liu et al., DoRA, ICML 2024 (arXiv 2402.09353)"
     backbones = ("vit", "swin", "cnn")
+    #: where a family is only partly covered
+    backbone_notes: ClassVar[dict[str, str]] = {"cnn": "ConvNeXt only: CNNs whose blocks have Linear layers"}
     mergeable = True
     config_class = DoRAConfig
 

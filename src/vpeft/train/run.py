@@ -16,6 +16,7 @@ import random
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,15 @@ from vpeft.train.folders import (
     staging_dir,
 )
 from vpeft.train.identity import identity_diff, run_identity, run_key
-from vpeft.train.trainer import CHECKPOINT, TrainConfig, Trainer, TrainingDivergedError, distributed_from_env
+from vpeft.train.memory import KIND as MEMORY_ESTIMATE_KIND
+from vpeft.train.trainer import (
+    CHECKPOINT,
+    EpochStats,
+    TrainConfig,
+    Trainer,
+    TrainingDivergedError,
+    distributed_from_env,
+)
 
 MODES = ("tune", "final")
 #: version of the record layout; part of every run's identity (a new layout never reuses old records)
@@ -58,17 +67,24 @@ class RunSpec:
     model_args: dict[str, Any] = option({}, "keyword arguments for timm.create_model (e.g. img_size: 384)")
     method: str = option("lora", "registered PEFT method (vpeft methods)")
     options: dict[str, Any] = option({}, "the method's options")
-    mode: str = option("final", "tune: train -> val; final: train+val -> test")
-    preset: str | None = option(None, "transform preset vtab or fgvc (default: fgvc for fgvc data, else vtab)")
+    mode: str = option("final", "protocol: tune trains on train, scores val; final trains on train+val, scores test",
+                       choices=MODES)  # fmt: skip
+    preset: str | None = option(
+        None, "transform preset (default: fgvc for fgvc data, else vtab)", choices=("vtab", "fgvc")
+    )
     pretrained: bool = option(True, "start from pretrained weights (hub, file or embedded)")
     pretrained_file: str | None = option(None, "local weights: .safetensors, .pth, or Google .npz")
     num_classes: int | None = option(None, "override the task's class count")
     skip_bad_images: bool = option(False, "skip images that are missing or cannot be decoded, and count them")
     cache_images: str = option(
-        "auto", "keep decoded inputs in memory: auto (when the transform is deterministic), on, off"
+        "auto",
+        "keep decoded inputs in memory: auto (when the transform is deterministic), on, off",
+        choices=("auto", "on", "off"),
     )
     feature_cache: str = option(
-        "auto", "train from cached frozen-prefix features where exact (linear probe, Partial-k, LST): auto or off"
+        "auto",
+        "train from cached frozen-prefix features where exact (linear probe, Partial-k, LST): auto or off",
+        choices=("auto", "off"),
     )
     feature_cache_gb: float = option(8.0, "largest frozen-prefix feature cache to build, in GB; above it, no cache")
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -178,6 +194,7 @@ def run(
     overwrite: bool = False,
     reuse_finished: bool = False,
     progress: bool = True,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; write the adapter, ``config.yaml`` and ``result.json`` to ``out_dir``.
 
@@ -185,6 +202,7 @@ def run(
     a run is refused unless ``resume`` (continue its checkpoint; the spec must be the same) or
     ``overwrite`` (train beside it, replace it only once the new run has succeeded).
     ``reuse_finished`` returns the folder's record when it is a finished run of the same spec.
+    ``on_epoch`` is called with each epoch's statistics (a sweep prints progress inside runs with it).
     A diverged run writes a record with ``status: failed`` and raises :class:`TrainingDivergedError`.
     The run holds a lock on its folder: a second process asking for the same run gets
     :class:`~vpeft.train.folders.RunBusyError`.
@@ -208,7 +226,9 @@ def run(
         work = _work_folder(out, identity, key, resume=resume, overwrite=overwrite, reuse=reuse_finished)
         if isinstance(work, dict):
             return work  # a finished run of the same spec
-        return _train_and_record(spec, task, model, identity, key, out, work, resume=resume, progress=progress)
+        return _train_and_record(
+            spec, task, model, identity, key, out, work, resume=resume, progress=progress, on_epoch=on_epoch
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -289,9 +309,10 @@ def _train_and_record(
     *,
     resume: bool,
     progress: bool,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> dict[str, Any]:
     train_set, eval_set = _datasets(spec, task, model)
-    trainer = Trainer(model, spec.train, work, progress=progress)
+    trainer = Trainer(model, spec.train, work, progress=progress, on_epoch=on_epoch)
     main_process = trainer.dist.is_main
     if main_process:
         work.mkdir(parents=True, exist_ok=True)
@@ -333,6 +354,8 @@ def _train_and_record(
         "images_per_s": trainer.images_seen / max(trainer.train_seconds, 1e-9),
         "peak_memory_mb": memory,
         "memory_kind": memory_kind,
+        "memory_estimate_mb": trainer.memory_estimate_mb,
+        "memory_estimate_kind": MEMORY_ESTIMATE_KIND,
         "final_train_loss": history[-1].train_loss,
         "skipped_images": len(train_set.skipped) + len(eval_set.skipped),
         "device": str(trainer.device),

@@ -6,10 +6,12 @@ data: the caller hands it a training set and, optionally, a validation set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from vpeft.api import trainable_parameters
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.metrics import top1_correct
+from vpeft.train.memory import SavedTensorBytes, step_memory_mb
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -45,7 +48,10 @@ class TrainConfig:
     drop_path: float = option(0.1, "stochastic depth rate of the backbone")
     clip_grad: float | None = option(None, "clip the gradient norm to this value (None: no clipping)")
     seed: int = option(0, "seed of initialisation, data order, dropout")
-    amp: str = option("auto", "mixed precision on CUDA: auto (bf16 if supported, else fp16), bf16, fp16, off")
+    amp: str = option(
+        "auto", "mixed precision on CUDA: auto (bf16 if supported, else fp16), bf16, fp16, off",
+        choices=("auto", "bf16", "fp16", "off"),
+    )  # fmt: skip
     compile: bool = option(False, "torch.compile the model (CUDA)")
     num_workers: int = option(0, "data-loading worker processes")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
@@ -198,6 +204,13 @@ def set_train_mode(model: nn.Module) -> None:
             m.eval()
 
 
+def format_epoch(stats: EpochStats, epochs: int) -> str:
+    """One line per epoch: what a person watching a run wants to read."""
+    val = f" | val acc {100 * stats.val_acc:.2f}%" if stats.val_acc is not None else ""
+    return (f"epoch {stats.epoch}/{epochs} | loss {stats.train_loss:.4f} | train acc {100 * stats.train_acc:.2f}%{val}"
+            f" | {stats.images_per_s:.0f} img/s | lr {stats.lr:.3g} | {stats.seconds:.1f}s")  # fmt: skip
+
+
 @dataclass
 class EpochStats:
     epoch: int
@@ -212,8 +225,18 @@ class EpochStats:
 class Trainer:
     """Trains the trainable parameters of a vpeft model; logs to JSONL (and TensorBoard when installed)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        out_dir: str | Path | None = None,
+        progress: bool = True,
+        on_epoch: Callable[[EpochStats], None] | None = None,
+    ):
+        """``progress``: a live bar per epoch and one kept line per epoch; ``on_epoch``: called with each epoch's stats."""
         self.cfg = cfg
+        self.on_epoch = on_epoch
+        self.memory_estimate_mb: float | None = None
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if cfg.batch_size % self.dist.world:
@@ -358,6 +381,7 @@ class Trainer:
                 stats.val_acc = self.evaluate(val_set)
             self.history.append(stats)
             self._log(stats)
+            self._report_epoch(stats)
             self._save_checkpoint(epoch)
         return self.history
 
@@ -374,9 +398,13 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
+            measure = self.memory_estimate_mb is None and not self.cfg.compile  # hooks would break the compiled graph
+            saved = SavedTensorBytes() if measure else contextlib.nullcontext()
+            with self._autocast(), saved:
                 logits = self.train_forward(x)
                 loss = self.criterion(logits.float(), y)
+            if isinstance(saved, SavedTensorBytes):
+                self.memory_estimate_mb = step_memory_mb(self.model, saved.total)
             loss_value = loss.item()
             finite = math.isfinite(loss_value)
             if self.dist.world > 1:  # every rank stops together, none waits in an all-reduce
@@ -424,6 +452,14 @@ class Trainer:
         self.train_seconds += seconds
         self.images_seen += seen
         return EpochStats(epoch + 1, lr, loss_sum / max(1, seen), correct / max(1, seen), seen / seconds, seconds)
+
+    def _report_epoch(self, stats: EpochStats) -> None:
+        if self.progress and self.dist.is_main:
+            from tqdm.auto import tqdm
+
+            tqdm.write(format_epoch(stats, self.cfg.epochs))
+        if self.on_epoch is not None and self.dist.is_main:
+            self.on_epoch(stats)
 
     def _bar(self, iterable, desc: str):
         if not self.progress or not self.dist.is_main:
