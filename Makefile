@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,16 @@ lint: install
 
 bench: install
 	$(VENV)/bin/vpeft bench --suite mini --out results/bench-mini
+
+# API reference from the docstrings (pdoc) into $(DOCS_OUT); a package's __all__ hides its submodules
+# from pdoc, so those are named explicitly.
+DOCS_OUT ?= site/api
+docs: install
+	$(PY) -c 'import importlib, pkgutil, vpeft; from pdoc.__main__ import cli; \
+	names = [m.name for m in pkgutil.walk_packages(vpeft.__path__, "vpeft.") if "._" not in m.name]; \
+	hidden = [n for n in names if n.rpartition(".")[2] not in getattr(importlib.import_module(n.rpartition(".")[0]), "__all__", [n.rpartition(".")[2]])]; \
+	cli(["--docformat", "markdown", "-o", "$(DOCS_OUT)", "vpeft", *hidden])'
+	@echo "API reference: $(DOCS_OUT)/index.html"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

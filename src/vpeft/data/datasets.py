@@ -347,6 +347,15 @@ class ImageDataset(Dataset):
                 DECODED_IMAGES.put(key, image)
         return image
 
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached inputs stacked (N, ...) with their labels, or None when they are not held in memory."""
+        if self._cache is None or not self._cache:
+            return None
+        first = self._cache[0]
+        if not isinstance(first, torch.Tensor) or any(x.shape != first.shape for x in self._cache):
+            return None
+        return torch.stack(self._cache), torch.tensor([label for _, label in self.samples], dtype=torch.long)
+
     @property
     def cached(self) -> bool:
         """Whether decoded inputs are held in memory (the transform is deterministic)."""

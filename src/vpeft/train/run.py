@@ -350,6 +350,7 @@ def _train_and_record(
         "top1": 100.0 * accuracy,
         "ppt": ppt(accuracy, base["trainable_params"]),
         "train_seconds": trainer.train_seconds,
+        "compile_seconds": trainer.compile_seconds,
         "wall_seconds": time.time() - started,
         "images_per_s": trainer.images_seen / max(trainer.train_seconds, 1e-9),
         "peak_memory_mb": memory,

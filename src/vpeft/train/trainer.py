@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 from vpeft.api import trainable_parameters
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError, VPeftError
-from vpeft.metrics import top1_correct
+from vpeft.train.batches import DeviceBatches
 from vpeft.train.memory import SavedTensorBytes, step_memory_mb
 
 CHECKPOINT = "checkpoint.pt"
+#: steps between two checks that the loss is finite (each check is one host synchronisation)
+NAN_CHECK_EVERY = 20
 
 
 class TrainingDivergedError(VPeftError, RuntimeError):
@@ -183,6 +185,9 @@ class ShardedShuffle(torch.utils.data.Sampler[int]):
     def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, shuffle: bool = True):
         self.size, self.seed, self.epoch, self.rank, self.world, self.shuffle = size, seed, epoch, rank, world, shuffle
 
+    def _order_for_rank(self) -> list[int]:
+        return self._order()[self.rank :: self.world]
+
     def _order(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
@@ -251,6 +256,9 @@ class Trainer:
             raise ConfigError("the model has no trainable parameters; apply a vpeft method first")
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.per_sample_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+        self.compile_seconds: float | None = None
+        self._device_sets: dict[int, tuple[Dataset, DeviceBatches | None]] = {}
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.train_forward: nn.Module = self.model
@@ -385,14 +393,34 @@ class Trainer:
             self._save_checkpoint(epoch)
         return self.history
 
+    def _batches(self, dataset: Dataset, shuffle: bool, epoch: int = 0) -> tuple[Iterable, int]:
+        """This rank's batches of an epoch: gathered on the device when the split is held in memory, else a
+        DataLoader. Training: a seeded shuffle strided over ranks; evaluation: the whole split in order."""
+        world, rank = (self.dist.world, self.dist.rank) if shuffle else (1, 0)
+        per_rank = self.cfg.batch_size // world
+        if id(dataset) not in self._device_sets:  # the dataset is kept with it, so its id stays its own
+            self._device_sets[id(dataset)] = (dataset, DeviceBatches.from_dataset(dataset, self.device))
+        held = self._device_sets[id(dataset)][1]
+        if held is None:
+            loader = self._loader(dataset, shuffle, epoch)
+            return ((x, y, y.shape[0]) for x, y in loader), len(loader)
+        order = torch.tensor(ShardedShuffle(len(dataset), self.cfg.seed, epoch, rank, world, shuffle)._order_for_rank())
+        steps = math.ceil(order.numel() / per_rank)
+        return held.batches(order, per_rank, pad=self.cfg.compile), steps
+
     def _train_epoch(self, dataset: Dataset, epoch: int, steps_per_epoch: int, total: int, warmup: int) -> EpochStats:
+        """One epoch. Loss and correct counts stay on the device; finiteness is checked every
+        ``NAN_CHECK_EVERY`` steps (one host sync) instead of every step."""
         set_train_mode(self.model)
-        loader = self._loader(dataset, shuffle=True, epoch=epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
+        batches, n_steps = self._batches(dataset, shuffle=True, epoch=epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        window = torch.zeros((), dtype=torch.float32, device=self.device)  # loss sum since the last check
+        seen, checked = 0, 0
         start = time.perf_counter()
-        bar = self._bar(loader, f"epoch {epoch + 1}/{self.cfg.epochs}")
+        bar = self._bar(batches, f"epoch {epoch + 1}/{self.cfg.epochs}", total=n_steps)
         lr = self.cfg.lr
-        for i, (x, y) in enumerate(bar):
+        for i, (x, y, valid) in enumerate(bar):
             step = epoch * steps_per_epoch + i
             lr = lr_at(step, total, warmup, self.cfg)
             for group in self.optimizer.param_groups:
@@ -400,28 +428,23 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             measure = self.memory_estimate_mb is None and not self.cfg.compile  # hooks would break the compiled graph
             saved = SavedTensorBytes() if measure else contextlib.nullcontext()
+            first_compiled = self.cfg.compile and self.compile_seconds is None
+            step_start = time.perf_counter()
             with self._autocast(), saved:
                 logits = self.train_forward(x)
-                loss = self.criterion(logits.float(), y)
+                if valid < y.shape[0]:  # a padded last batch (compiled model): the extra rows count for nothing
+                    mask = (torch.arange(y.shape[0], device=y.device) < valid).float()
+                    loss = (self.per_sample_criterion(logits.float(), y) * mask).sum() / valid
+                else:
+                    loss = self.criterion(logits.float(), y)
             if isinstance(saved, SavedTensorBytes):
                 self.memory_estimate_mb = step_memory_mb(self.model, saved.total)
-            loss_value = loss.item()
-            finite = math.isfinite(loss_value)
-            if self.dist.world > 1:  # every rank stops together, none waits in an all-reduce
-                flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                finite = bool(flag.item())
-                loss_value = loss_value if math.isfinite(loss_value) else float("nan")
-            if not finite and step == 0:
-                raise TrainingDivergedError(
-                    f"the loss was {loss_value} at the very first step, before any update: the model's output is not "
-                    "finite at initialisation; check the method's options, the backbone weights and the input data"
-                )
-            if not finite:
-                raise TrainingDivergedError(
-                    f"the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; lower the learning rate "
-                    f"(now {lr:.3g}) or set clip_grad"
-                )
+            detached = loss.detach()
+            window += detached
+            if step == 0 or (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == n_steps:
+                self._check_finite(window, epoch, checked, i, step)
+                window.zero_()
+                checked = i + 1
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -435,23 +458,49 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            n = y.shape[0]
-            loss_sum += loss_value * n
-            correct += top1_correct(logits.detach(), y)
-            seen += n
-            elapsed = time.perf_counter() - start
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}"
-                )
+            if first_compiled:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.compile_seconds = time.perf_counter() - step_start  # the first step compiles the graph
+            loss_sum += detached.double() * valid
+            correct += (logits.detach()[:valid].argmax(dim=-1) == y[:valid]).sum()
+            seen += valid
+            if hasattr(bar, "set_postfix") and checked == i + 1:  # the values are on the host at a check only
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen / elapsed:.0f}")  # fmt: skip
         seconds = time.perf_counter() - start
+        if self.cfg.compile and epoch == 0 and self.compile_seconds:
+            seconds = max(seconds - self.compile_seconds, 1e-9)  # compile time is reported apart
+        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=self.device).double()])
         if self.dist.world > 1:  # epoch statistics over the global batch
-            totals = torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(totals)
-            loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+        loss_total, correct_total, seen_total = totals.tolist()
+        seen_total = int(seen_total)
         self.train_seconds += seconds
-        self.images_seen += seen
-        return EpochStats(epoch + 1, lr, loss_sum / max(1, seen), correct / max(1, seen), seen / seconds, seconds)
+        self.images_seen += seen_total
+        return EpochStats(epoch + 1, lr, loss_total / max(1, seen_total), correct_total / max(1, seen_total),
+                          seen_total / seconds, seconds)  # fmt: skip
+
+    def _check_finite(self, window: torch.Tensor, epoch: int, first: int, last: int, step: int) -> None:
+        """One host sync: stop every rank together when a loss since the last check was not finite."""
+        finite = torch.isfinite(window)
+        if self.dist.world > 1:  # every rank stops together, none waits in an all-reduce
+            flag = finite.float().reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag[0] > 0
+        if bool(finite):
+            return
+        value = window.item()
+        if step == 0:
+            raise TrainingDivergedError(
+                f"the loss was {value} at the very first step, before any update: the model's output is not "
+                "finite at initialisation; check the method's options, the backbone weights and the input data"
+            )
+        where = f"step {last + 1}" if first == last else f"steps {first + 1}-{last + 1}"
+        raise TrainingDivergedError(
+            f"the loss became {value} at epoch {epoch + 1}, {where}; lower the learning rate or set clip_grad"
+        )
 
     def _report_epoch(self, stats: EpochStats) -> None:
         if self.progress and self.dist.is_main:
@@ -461,25 +510,27 @@ class Trainer:
         if self.on_epoch is not None and self.dist.is_main:
             self.on_epoch(stats)
 
-    def _bar(self, iterable, desc: str):
+    def _bar(self, iterable, desc: str, total: int | None = None):
         if not self.progress or not self.dist.is_main:
             return iterable
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset) -> float:
         """Top-1 accuracy (a fraction) on a dataset."""
         self.model.eval()
-        correct, seen = 0, 0
-        for x, y in self._bar(self._loader(dataset, shuffle=False), "eval"):
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        batches, n_steps = self._batches(dataset, shuffle=False)
+        for x, y, valid in self._bar(batches, "eval", total=n_steps):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.forward(x)
-            correct += top1_correct(logits, y)
-            seen += y.shape[0]
-        return correct / max(1, seen)
+            correct += (logits[:valid].argmax(dim=-1) == y[:valid]).sum()
+            seen += valid
+        return correct.item() / max(1, seen)
 
     def peak_memory_mb(self) -> tuple[float, str]:
         """Peak memory: CUDA's max allocated on GPU; the process's peak RSS on CPU."""
