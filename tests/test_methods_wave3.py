@@ -1,0 +1,291 @@
+"""Table-driven checks of issue 15's methods on every backbone (the method x backbone matrix of test_methods.py).
+
+Each method has one row in ``SPECS``: the options under which the paper starts from the unchanged
+model (None where it does not), its trainable count in closed form on the small test ViT and on
+ViT-B/16, and, for side methods, the blocks that must build no autograd graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import timm
+import torch
+
+import vpeft
+from vpeft.errors import UnsupportedBackboneError
+
+from conftest import BACKBONES, NUM_CLASSES, make_backbone, make_input
+
+#: the small test ViT of conftest: width, depth, MLP width, patches, prefix (class) tokens
+D, DEPTH, HIDDEN, PATCHES = 48, 2, 96, 16
+
+
+@dataclass
+class Spec:
+    #: options under which the model equals the backbone at step 0; None: the paper's init is not the identity
+    identity: dict | None
+    #: closed-form trainable count (head excluded) on conftest's "vit" with default options
+    small_vit: int
+    #: the same on ViT-B/16 (d = 768, 12 blocks, MLP 3072, 196 patches)
+    vit_b: int
+    #: blocks (by index, on the small ViT) that must run without an autograd graph
+    frozen_blocks: tuple[int, ...] = ()
+    #: options used by every generic test (e.g. to switch off a training-only randomness)
+    options: dict = field(default_factory=dict)
+
+
+def _adapter_plus(d: int, depth: int, r: int = 8) -> int:
+    return depth * (d * r + r + r * d + d + d)
+
+
+def _dtl(d: int, depth: int, r: int = 2) -> int:
+    return depth * 2 * d * r
+
+
+SPECS: dict[str, Spec] = {
+    "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
+    "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
+    "dtl_plus": Spec(
+        identity={}, small_vit=_dtl(D, DEPTH) + D * 9, vit_b=_dtl(768, 12) + 768 * 9, frozen_blocks=(0, 1)
+    ),
+}
+METHODS = sorted(SPECS)
+CASES = [(m, b) for m in METHODS for b in BACKBONES]
+
+
+def applies(method: str, backbone: str) -> bool:
+    return vpeft.describe(make_backbone(backbone)).family in vpeft.get_method(method).backbones
+
+
+def _apply(method: str, backbone: str, **options) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = make_backbone(backbone)
+    model = vpeft.apply(copy.deepcopy(base), method, **{**SPECS[method].options, **options})
+    return base, model.eval()
+
+
+def _perturb_trainable(model: torch.nn.Module, seed: int = 3) -> None:
+    """Move every trainable parameter away from its init (B = 0, up = 0 ...) so updates are visible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vpeft.trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_every_method_is_registered_with_family_and_paper() -> None:
+    listed = {m["name"]: m for m in vpeft.list_methods()}
+    for name in METHODS:
+        assert name in listed
+        assert listed[name]["family"] and listed[name]["paper"] and listed[name]["options"]
+
+
+@pytest.mark.parametrize("method,backbone", CASES)
+def test_apply_or_refuse(method: str, backbone: str) -> None:
+    base = make_backbone(backbone)
+    if not applies(method, backbone):
+        with pytest.raises(UnsupportedBackboneError, match=method):
+            vpeft.apply(base, method)
+        return
+    model = vpeft.apply(base, method, **SPECS[method].options)
+    assert model(make_input()).shape == (2, NUM_CLASSES)
+    assert vpeft.count_trainable(model) > vpeft.count_trainable(model, include_head=False) > 0
+
+
+@pytest.mark.parametrize("method,backbone", [c for c in CASES if SPECS[c[0]].identity is not None])
+def test_identity_at_init(method: str, backbone: str) -> None:
+    if not applies(method, backbone):
+        pytest.skip("method does not apply to this backbone")
+    base, model = _apply(method, backbone, **SPECS[method].identity)
+    x = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,backbone", CASES)
+def test_one_step_changes_only_method_and_head(method: str, backbone: str) -> None:
+    if not applies(method, backbone):
+        pytest.skip("method does not apply to this backbone")
+    _, model = _apply(method, backbone)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = vpeft.trainable_parameters(model)
+    opt = torch.optim.SGD(trainable.values(), lr=0.5)
+    loss = torch.nn.functional.cross_entropy(model(make_input(4)), torch.arange(4) % NUM_CLASSES)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert p.grad is None, f"frozen parameter {name} received a gradient"
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed <= set(trainable), f"frozen parameters changed: {sorted(changed - set(trainable))[:5]}"
+    assert changed & set(vpeft.trainable_parameters(model, include_head=False)), "no method parameter changed"
+
+
+@pytest.mark.parametrize("method,backbone", CASES)
+def test_save_load_round_trip(method: str, backbone: str, tmp_path) -> None:
+    if not applies(method, backbone):
+        pytest.skip("method does not apply to this backbone")
+    base, model = _apply(method, backbone)
+    _perturb_trainable(model)
+    vpeft.save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "adapter.safetensors"))) == set(vpeft.trainable_parameters(model))
+    fresh = vpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    x = make_input()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+MERGEABLE = [m for m in METHODS if vpeft.get_method(m).mergeable]
+
+
+@pytest.mark.parametrize("method,backbone", [c for c in CASES if c[0] in MERGEABLE])
+def test_merge_equals_unmerged(method: str, backbone: str) -> None:
+    if not applies(method, backbone):
+        pytest.skip("method does not apply to this backbone")
+    base, model = _apply(method, backbone)
+    _perturb_trainable(model)
+    x = make_input()
+    with torch.no_grad():
+        expected = model(x)
+        vpeft.merge(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        merged = model.state_dict()
+        assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in base.state_dict().items()}
+        reloaded = copy.deepcopy(base)
+        reloaded.load_state_dict(merged, strict=True)
+        torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
+        vpeft.unmerge(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        vpeft.merge(model)  # a second round trip starts from the restored weights
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(MERGEABLE)))
+def test_merge_refused_for_non_mergeable(method: str) -> None:
+    _, model = _apply(method, "vit")
+    with pytest.raises(vpeft.NotMergeableError, match="cannot be folded"):
+        vpeft.merge(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_small_vit_closed_form(method: str) -> None:
+    model = vpeft.apply(make_backbone("vit"), method)
+    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].small_vit
+
+
+@pytest.fixture(scope="module")
+def vit_b() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vit_b16_count(method: str, vit_b: torch.nn.Module) -> None:
+    model = vpeft.apply(copy.deepcopy(vit_b), method)
+    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].vit_b
+    assert vpeft.count_trainable(model) == SPECS[method].vit_b + 768 * 100 + 100
+
+
+# ---------------------------------------------------------------- side methods: no graph in the frozen part
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if SPECS[m].frozen_blocks])
+def test_side_method_builds_no_graph_in_frozen_blocks(method: str) -> None:
+    _, model = _apply(method, "vit")
+    model.train()
+    _perturb_trainable(model)
+    outputs: dict[int, torch.Tensor] = {}
+    fired: list[int] = []
+    for i, block in enumerate(model.blocks):
+        inner = block.base_layer
+        inner.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, out))
+        inner.register_full_backward_hook(lambda m, gi, go, i=i: fired.append(i))
+    model(make_input(4)).sum().backward()
+    for i in SPECS[method].frozen_blocks:
+        assert outputs[i].grad_fn is None and not outputs[i].requires_grad, f"block {i} built a graph"
+        assert i not in fired, f"backward ran through block {i}"
+    method_params = vpeft.trainable_parameters(model, include_head=False)
+    assert all(p.grad is not None for p in method_params.values()), "a method parameter got no gradient"
+
+
+# ---------------------------------------------------------------- method-specific behaviour
+
+
+def test_adapter_plus_matches_the_paper_formula() -> None:
+    base, model = _apply("adapter_plus", "vit")
+    _perturb_trainable(model)
+    x = torch.randn(2, 17, D)
+    block = model.blocks[0]
+    with torch.no_grad():
+        h = base.blocks[0](x)
+        torch.testing.assert_close(block(x), block.reference(h), rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_plus_drop_path_drops_whole_samples() -> None:
+    _, model = _apply("adapter_plus", "vit", drop_path=0.5)
+    _perturb_trainable(model)
+    block = model.blocks[0].train()
+    x = torch.randn(64, 17, D)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = block(x)
+        h = block.base_layer(x)
+        full = h + 2.0 * (block.reference(h) - h)  # kept samples are scaled by 1 / keep
+    kept = [torch.allclose(o, f, atol=1e-5) for o, f in zip(out, full, strict=True)]
+    dropped = [torch.allclose(o, hh, atol=1e-6) for o, hh in zip(out, h, strict=True)]
+    assert all(k != d for k, d in zip(kept, dropped, strict=True))  # each sample: all or nothing
+    assert 10 < sum(kept) < 54
+
+
+def test_adapter_plus_houlsby_init_bounds() -> None:
+    _, model = _apply("adapter_plus", "vit")
+    adapter = model.blocks[0]
+    for w in (adapter.down.weight, adapter.up.weight):
+        assert w.abs().max() <= 0.02 and w.std() < 0.012
+    assert torch.equal(adapter.scale, torch.ones(D))
+
+
+def _dtl_reference(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, join_from: int) -> torch.Tensor:
+    """DTL as the official forward writes it: R += B_i A_i x_i before block i, x += swish_beta(R) after it."""
+    h = base.patch_embed(x)
+    h = base._pos_embed(h)
+    residual = 0.0
+    for i, (ref, wrapped) in enumerate(zip(base.blocks, model.blocks, strict=True)):
+        residual = residual + h @ wrapped.lora_A.t() @ wrapped.lora_B.t()
+        h = ref(h)
+        if i >= join_from:
+            act = residual * torch.sigmoid(wrapped.beta * residual)
+            fusion = getattr(model, "vpeft_dtl", None)
+            if fusion is not None:
+                act = fusion(act)
+            h = h + act
+    return model.forward_head(model.norm(h))
+
+
+@pytest.mark.parametrize("method", ["dtl", "dtl_plus"])
+def test_dtl_matches_the_official_forward(method: str) -> None:
+    base = make_backbone("vit")
+    base.blocks = torch.nn.Sequential(*[copy.deepcopy(base.blocks[0]) for _ in range(4)])  # 4 blocks
+    model = vpeft.apply(copy.deepcopy(base), method, join_from=1).eval()
+    _perturb_trainable(model)
+    x = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _dtl_reference(base, model, x, join_from=1), rtol=1e-4, atol=1e-5)
+
+
+def test_dtl_default_joins_the_second_half() -> None:
+    base = make_backbone("vit")
+    base.blocks = torch.nn.Sequential(*[copy.deepcopy(base.blocks[0]) for _ in range(12)])
+    model = vpeft.apply(base, "dtl")
+    assert [b.join_from for b in model.blocks] == [6] * 12
+    assert math.prod(model.blocks[0].lora_A.shape) == 2 * D
+
+
+def test_dtl_join_from_outside_the_model_is_refused() -> None:
+    with pytest.raises(vpeft.ConfigError, match="join_from"):
+        vpeft.apply(make_backbone("vit"), "dtl", join_from=2)
