@@ -12,21 +12,23 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vpeft.errors import VPeftError
 from vpeft.metrics import ppt
 
 RESULT = "result.json"
 MANIFEST = "bench.json"
 
 
-def collect_records(out_dir: str | Path, keys: set[str] | None = None,
-                    ignored: dict[str, int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Finished final-protocol records under ``out_dir/runs`` (tune runs and failures excluded).
+def collect_runs(out_dir: str | Path, keys: set[str] | None = None,
+                 ignored: dict[str, int] | None = None) -> list[tuple[Path, dict[str, Any]]]:  # fmt: skip
+    """``(run folder, record)`` of the finished final-protocol runs under ``out_dir/runs``.
 
-    With ``keys``, only the runs with those run keys (one sweep's). ``ignored`` (when given) counts
-    what was left out and why: ``other_spec``, ``unfinished``, ``unreadable``.
+    Tune runs and failures are excluded. With ``keys``, only the runs with those run keys (one
+    sweep's). ``ignored`` (when given) counts what was left out and why: ``other_spec``,
+    ``unfinished``, ``unreadable``.
     """
     ignored = ignored if ignored is not None else {}
-    records = []
+    runs = []
     for path in sorted(Path(out_dir).glob(f"runs/*/*/*/{RESULT}")):
         if path.parent.name.startswith("."):
             continue  # a staging folder or one mid-swap
@@ -44,14 +46,44 @@ def collect_records(out_dir: str | Path, keys: set[str] | None = None,
         elif keys is not None and record.get("run_key") not in keys:
             ignored["other_spec"] = ignored.get("other_spec", 0) + 1
         else:
-            records.append(record)
-    return records
+            runs.append((path.parent, record))
+    return runs
+
+
+def collect_records(out_dir: str | Path, keys: set[str] | None = None,
+                    ignored: dict[str, int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Finished final-protocol records under ``out_dir/runs`` (see :func:`collect_runs`)."""
+    return [record for _, record in collect_runs(out_dir, keys, ignored)]
+
+
+def method_families() -> dict[str, str]:
+    """Method name -> family (``partial/reparameterization``, ``addition/adapter``, ...) of the registry."""
+    import vpeft
+
+    return {m["name"]: m["family"] for m in vpeft.list_methods()}
+
+
+#: memory_kind of the records -> the memory column's label
+MEMORY_KINDS = {
+    "cuda_max_allocated": "CUDA allocated",
+    "cpu_process_max_rss": "CPU: process RSS",
+}
+
+
+def memory_label(kinds: set[str], prefix: str = "peak MB") -> str:
+    """The memory column's header, naming what was measured, e.g. ``peak MB (CUDA allocated)``."""
+    names = sorted(MEMORY_KINDS.get(k, k.replace("_", " ")) for k in kinds if k)
+    if not names:
+        return prefix
+    return f"{prefix} ({names[0]})" if len(names) == 1 else f"{prefix} (mixed: {'; '.join(names)})"
 
 
 @dataclass
 class MethodRow:
+    """One method's line of the leaderboard."""
+
     method: str
-    per_task: dict[str, tuple[float, float, int]]  # task -> (mean, std, seeds)
+    per_task: dict[str, tuple[float, float | None, int]]  # task -> (mean, std or None with one seed, seeds)
     mean_tasks: float | None
     group_mean: float | None
     group_means: dict[str, float]
@@ -60,6 +92,14 @@ class MethodRow:
     train_seconds: float
     peak_memory_mb: float
     complete: bool
+    family: str = ""
+    #: std over seeds of the per-seed mean over tasks (seeds with every task; None below 2 such seeds)
+    mean_tasks_std: float | None = None
+    group_mean_std: float | None = None
+    seeds: int = 1  # most seeds of any task
+    memory_kind: str = ""
+    memory_estimate_mb: float | None = None  # a per-method estimate, where the records carry one
+    memory_estimate_kind: str = ""
 
 
 @dataclass
@@ -70,10 +110,40 @@ class Leaderboard:
     tasks: list[str]
     groups: dict[str, list[str]]
     rows: list[MethodRow] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)  # distinct epoch counts of the runs
+    selection: str = "final_epoch"
 
     @property
     def eval_split(self) -> str:
         return "val" if self.mode == "tune" else "test"
+
+    @property
+    def memory_label(self) -> str:
+        """Header of the measured-memory column, naming its kind (CUDA allocated, CPU process RSS)."""
+        return memory_label({r.memory_kind for r in self.rows})
+
+    @property
+    def estimate_label(self) -> str | None:
+        """Header of the estimated-memory column, or None when no record carries an estimate."""
+        if not any(r.memory_estimate_mb is not None for r in self.rows):
+            return None
+        return "est. MB (per method)"
+
+    @property
+    def estimate_note(self) -> str:
+        """What the estimate counts, from the records' ``memory_estimate_kind``."""
+        kinds = sorted({r.memory_estimate_kind for r in self.rows if r.memory_estimate_mb is not None} - {""})
+        return "; ".join(kinds) or "the records' per-method memory estimate"
+
+    @property
+    def protocol(self) -> str:
+        """One line saying what the accuracies are: protocol, split, epoch selection, epochs, seeds."""
+        trained = "train" if self.mode == "tune" else "train+val"
+        chosen = "final epoch" if self.selection == "final_epoch" else self.selection.replace("_", " ")
+        epochs = "/".join(str(e) for e in self.epochs) or "?"
+        seeds = max((r.seeds for r in self.rows), default=1)
+        return (f"{self.mode} protocol: trained on {trained}, top-1 on {self.eval_split} at the {chosen} "
+                f"(nothing selected on test); {epochs} epoch(s); up to {seeds} seed(s)")  # fmt: skip
 
 
 def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]] | None = None,
@@ -92,14 +162,17 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
     tasks = [t for ts in groups.values() for t in ts]
     board = Leaderboard(suite, model or (records[0]["model"] if records else ""),
                         records[0]["mode"] if records else "final", tasks, groups)  # fmt: skip
+    families = method_families()
+    board.epochs = sorted({int(r["epochs"]) for r in records if isinstance(r.get("epochs"), int)})
+    board.selection = next((r["selection"] for r in records if r.get("selection")), "final_epoch")
     methods = list(dict.fromkeys(r["method"] for r in records))
     for method in methods:
         mine = [r for r in records if r["method"] == method]
-        per_task = {}
+        per_task: dict[str, tuple[float, float | None, int]] = {}
         for task in tasks:
             accs = [r["top1"] for r in mine if r["task"] == task]
             if accs:
-                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                std = statistics.stdev(accs) if len(accs) > 1 else None
                 per_task[task] = (statistics.fmean(accs), std, len(accs))
         complete = len(per_task) == len(tasks)
         params = statistics.fmean(r["trainable_params"] for r in mine)
@@ -109,6 +182,8 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
             mean_tasks = statistics.fmean(per_task[t][0] for t in tasks)
             group_means = {g: statistics.fmean(per_task[t][0] for t in ts) for g, ts in groups.items()}
             group_mean = statistics.fmean(group_means.values())
+        mean_std, group_std = _seed_spread(mine, tasks, groups) if complete else (None, None)
+        estimates = [r["memory_estimate_mb"] for r in mine if isinstance(r.get("memory_estimate_mb"), (int, float))]
         board.rows.append(
             MethodRow(
                 method=method,
@@ -121,17 +196,43 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
                 train_seconds=statistics.fmean(r["train_seconds"] for r in mine),
                 peak_memory_mb=max(r.get("peak_memory_mb", 0.0) for r in mine),
                 complete=complete,
+                family=families.get(method, ""),
+                mean_tasks_std=mean_std,
+                group_mean_std=group_std,
+                seeds=max((n for _, _, n in per_task.values()), default=1),
+                memory_kind="; ".join(sorted({str(r["memory_kind"]) for r in mine if r.get("memory_kind")})),
+                memory_estimate_mb=max(estimates) if estimates else None,
+                memory_estimate_kind=next(
+                    (str(r["memory_estimate_kind"]) for r in mine if r.get("memory_estimate_kind")), ""
+                ),
             )
         )
     board.rows.sort(key=lambda r: (r.mean_tasks is None, -(r.mean_tasks or 0.0)))
     return board
 
 
-def _cell(stat: tuple[float, float, int] | None) -> str:
+def _seed_spread(mine: list[dict[str, Any]], tasks: list[str],
+                 groups: dict[str, list[str]]) -> tuple[float | None, float | None]:  # fmt: skip
+    """Std over seeds of the mean over tasks and of the mean of group means (seeds that ran every task)."""
+    by_seed: dict[Any, dict[str, list[float]]] = {}
+    for r in mine:
+        by_seed.setdefault(r.get("seed", 0), {}).setdefault(r["task"], []).append(r["top1"])
+    means, group_means = [], []
+    for accs in by_seed.values():
+        if all(t in accs for t in tasks):
+            task_mean = {t: statistics.fmean(accs[t]) for t in tasks}
+            means.append(statistics.fmean(task_mean.values()))
+            group_means.append(statistics.fmean(statistics.fmean(task_mean[t] for t in ts) for ts in groups.values()))
+    if len(means) < 2:
+        return None, None
+    return statistics.stdev(means), statistics.stdev(group_means)
+
+
+def _cell(stat: tuple[float, float | None, int] | None) -> str:
     if stat is None:
         return "-"
     mean, std, n = stat
-    return f"{mean:.2f}" if n == 1 else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.2f}" if n < 2 or std is None else f"{mean:.2f} ± {std:.2f}"
 
 
 def _num(value: float | None, fmt: str = ".2f") -> str:
@@ -140,42 +241,63 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
 
 def to_markdown(board: Leaderboard) -> str:
     n = len(board.tasks)
+    estimate = board.estimate_label
     header = ["method", *board.tasks, f"mean of {n} tasks", f"mean of {len(board.groups)} group means",
-              "params (M)", "PPT", "train s/run", "peak MB"]  # fmt: skip
+              "params (M)", "PPT", "train s/run", board.memory_label]  # fmt: skip
+    header += [estimate] if estimate else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in board.rows:
         cells = [r.method, *(_cell(r.per_task.get(t)) for t in board.tasks), _num(r.mean_tasks), _num(r.group_mean),
                  f"{r.params / 1e6:.3f}", _num(r.ppt), f"{r.train_seconds:.1f}", f"{r.peak_memory_mb:.0f}"]  # fmt: skip
+        cells += [_num(r.memory_estimate_mb, ".0f")] if estimate else []
         lines.append("| " + " | ".join(cells) + " |")
     groups = "; ".join(f"{g}: {', '.join(ts)}" for g, ts in board.groups.items())
     notes = [
         "",
         f"Top-1 accuracy (%) on {board.eval_split}, final epoch (nothing selected on test); mean ± std over seeds "
-        "when there are several.",
+        "when there are two or more (a single seed shows no std).",
         f"Averages: 'mean of {n} tasks' is the plain mean (V-PETL Bench's convention); "
         f"'mean of {len(board.groups)} group means' averages per group first (most papers'). Groups: {groups}.",
         "params: trainable parameters without the classification head. PPT = acc * exp(-log10(params / 1e7 + 1)).",
         "peak MB: on CUDA the run's peak allocated memory; on CPU the process's peak RSS, which in a sweep of "
-        "many runs in one process only grows (see benchmarks/step_time.py for per-method memory).",
+        "many runs in one process only grows and says little about the method (see benchmarks/step_time.py).",
     ]
+    if estimate:
+        notes.append(f"{estimate}: {board.estimate_note}; unlike the process's RSS, it differs between methods.")
     return "\n".join(lines + notes) + "\n"
 
 
+def _round(value: float | None, digits: int) -> float | str:
+    """``value`` rounded for the CSV; an empty cell for a missing one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return round(float(value), digits)
+
+
 def to_csv(board: Leaderboard) -> str:
+    """The leaderboard as CSV: accuracies to 2 decimals, std empty with one seed, PPT to 4, seconds to 1."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     header = ["method"]
     for t in board.tasks:
         header += [f"{t}_mean", f"{t}_std", f"{t}_seeds"]
-    header += ["mean_tasks", "group_mean", "params", "ppt", "train_seconds", "peak_memory_mb", "complete"]
+    header += ["mean_tasks", "mean_tasks_std", "group_mean", "group_mean_std", *(f"group_{g}" for g in board.groups),
+               "params", "ppt", "train_seconds", "peak_memory_mb", "memory_kind"]  # fmt: skip
+    estimate = board.estimate_label is not None
+    header += ["memory_estimate_mb", "memory_estimate_kind"] if estimate else []
+    header += ["family", "complete"]
     writer.writerow(header)
     for r in board.rows:
         row: list[Any] = [r.method]
         for t in board.tasks:
-            stat = r.per_task.get(t)
-            row += list(stat) if stat else ["", "", 0]
-        row += [r.mean_tasks if r.mean_tasks is not None else "", r.group_mean if r.group_mean is not None else "",
-                round(r.params), r.ppt if r.ppt is not None else "", r.train_seconds, r.peak_memory_mb, r.complete]  # fmt: skip
+            mean, std, n = r.per_task.get(t) or (None, None, 0)
+            row += [_round(mean, 2), _round(std if n > 1 else None, 2), n]
+        row += [_round(r.mean_tasks, 2), _round(r.mean_tasks_std, 2), _round(r.group_mean, 2),
+                _round(r.group_mean_std, 2), *(_round(r.group_means.get(g), 2) for g in board.groups),
+                round(r.params), _round(r.ppt, 4), _round(r.train_seconds, 1), _round(r.peak_memory_mb, 1),
+                r.memory_kind]  # fmt: skip
+        row += [_round(r.memory_estimate_mb, 1), r.memory_estimate_kind] if estimate else []
+        row += [r.family, r.complete]
         writer.writerow(row)
     return buf.getvalue()
 
@@ -215,10 +337,22 @@ def published_markdown(board: Leaderboard) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None) -> dict[str, Path]:
-    """Write leaderboard.md, leaderboard.csv and pareto.png (+ pareto.json) into ``out_dir``."""
-    from vpeft.report.plot import plot_pareto
+class MissingDependencyError(VPeftError, ImportError):
+    """An optional dependency (matplotlib for the plots) is not installed."""
 
+
+#: how to get the report's plotting dependency
+REPORT_EXTRA_HINT = "pip install 'vpeft[report]' (or pip install matplotlib)"
+
+
+def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None, *,
+                 html: bool = False, curves: bool = True) -> dict[str, Path]:  # fmt: skip
+    """Write leaderboard.md, leaderboard.csv, pareto.png (+ pareto.json) and curves/<task>.png into ``out_dir``.
+
+    With ``html``, also leaderboard.html: one self-contained interactive page. The plots need
+    matplotlib (the ``report`` extra); without it the tables (and the page) are written and
+    :class:`MissingDependencyError` says how to install it.
+    """
     out = Path(out_dir)
     try:
         manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
@@ -227,7 +361,8 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     manifest = manifest if isinstance(manifest, dict) else {}
     keys = {r["run_key"] for r in manifest["runs"]} if isinstance(manifest.get("runs"), list) else None
     ignored: dict[str, int] = {}
-    records = collect_records(out, keys, ignored)
+    runs = collect_runs(out, keys, ignored)
+    records = [record for _, record in runs]
     if not records:
         raise FileNotFoundError(f"no finished runs under '{out}/runs'; run `vpeft bench --out {out}` first")
     suite = manifest.get("suite", "")
@@ -242,10 +377,29 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
         markdown += "\nNot in this table: " + "; ".join(f"{n} {why[k]}" for k, n in sorted(ignored.items())) + ".\n"
     if suite == "vtab1k":
         markdown += "\n" + published_markdown(board)
-    paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv", "plot": out / "pareto.png"}
+    paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv"}
     paths["markdown"].write_text(markdown)
     paths["csv"].write_text(to_csv(board))
+    if html:
+        from vpeft.report.html import write_html
+
+        paths["html"] = write_html(board, out / "leaderboard.html", ignored=ignored)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        written = ", ".join(str(p) for p in paths.values())
+        raise MissingDependencyError(
+            f"wrote {written}; the plots (pareto.png, curves/) need matplotlib: {REPORT_EXTRA_HINT}"
+        ) from None
+    from vpeft.report.plot import plot_pareto
+
+    paths["plot"] = out / "pareto.png"
     plot_pareto(board, paths["plot"])
+    if curves:
+        from vpeft.report.curves import plot_task_curves
+
+        paths["curves"] = out / "curves"
+        plot_task_curves(runs, paths["curves"], tasks=board.tasks)
     return paths
 
 
