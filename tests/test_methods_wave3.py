@@ -46,12 +46,21 @@ def _dtl(d: int, depth: int, r: int = 2) -> int:
     return depth * 2 * d * r
 
 
+def _hydra_layer(fan_in: int, fan_out: int, r: int = 2) -> int:
+    return (fan_in * r + r + r * fan_out + fan_out) + (fan_out * r + r + r * fan_out + fan_out)
+
+
+def _hydra(d: int, depth: int, hidden: int) -> int:
+    return depth * (_hydra_layer(d, d) + _hydra_layer(hidden, d))
+
+
 SPECS: dict[str, Spec] = {
     "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
     "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
     "dtl_plus": Spec(
         identity={}, small_vit=_dtl(D, DEPTH) + D * 9, vit_b=_dtl(768, 12) + 768 * 9, frozen_blocks=(0, 1)
     ),
+    "hydra": Spec(identity={}, small_vit=_hydra(D, DEPTH, HIDDEN), vit_b=_hydra(768, 12, 3072)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -289,3 +298,29 @@ def test_dtl_default_joins_the_second_half() -> None:
 def test_dtl_join_from_outside_the_model_is_refused() -> None:
     with pytest.raises(vpeft.ConfigError, match="join_from"):
         vpeft.apply(make_backbone("vit"), "dtl", join_from=2)
+
+
+def test_hydra_matches_the_paper_formula() -> None:
+    _, model = _apply("hydra", "vit")
+    _perturb_trainable(model)
+    layer = model.blocks[0].mlp.fc2
+    x = torch.randn(2, 17, HIDDEN)
+    with torch.no_grad():
+        y = layer.base_layer(x)
+        expected = y + 0.1 * layer.par_up(layer.par_down(x)) + 0.1 * layer.seq_up(layer.seq_down(y))
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hydra_merges_each_branch_against_its_own_layer() -> None:
+    """The official merge folds the attention branch against mlp.fc2's weight; vpeft uses attn.proj's."""
+    _, model = _apply("hydra", "vit")
+    _perturb_trainable(model)
+    proj = model.blocks[0].attn.proj
+    w0 = proj.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        proj.merge_into_base()
+        s = proj.scale
+        expected = w0 + s * (proj.par_up.weight @ proj.par_down.weight + proj.seq_up.weight @ proj.seq_down.weight @ w0)
+        torch.testing.assert_close(proj.base_layer.weight, expected)
+        proj.unmerge_from_base()
+        torch.testing.assert_close(proj.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
