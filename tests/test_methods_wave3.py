@@ -61,6 +61,7 @@ SPECS: dict[str, Spec] = {
         identity={}, small_vit=_dtl(D, DEPTH) + D * 9, vit_b=_dtl(768, 12) + 768 * 9, frozen_blocks=(0, 1)
     ),
     "hydra": Spec(identity={}, small_vit=_hydra(D, DEPTH, HIDDEN), vit_b=_hydra(768, 12, 3072)),
+    "vfpt": Spec(identity=None, small_vit=DEPTH * 50 * D, vit_b=12 * 50 * 768),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -324,3 +325,25 @@ def test_hydra_merges_each_branch_against_its_own_layer() -> None:
         torch.testing.assert_close(proj.base_layer.weight, expected)
         proj.unmerge_from_base()
         torch.testing.assert_close(proj.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
+
+
+def test_vfpt_fourier_prompts_follow_the_official_transform() -> None:
+    _, model = _apply("vfpt", "vit", num_tokens=6, fourier_fraction=0.5)
+    block = model.blocks[1]
+    p = block.prompt
+    expected = torch.fft.fft(torch.fft.fft(p[:, :3], dim=-1), dim=-2).real  # FNetBlock: hidden, then sequence
+    with torch.no_grad():
+        got = block.prompts(2)
+    torch.testing.assert_close(got[:, :3], expected.expand(2, -1, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:, 3:], p[:, 3:].expand(2, -1, -1))
+
+
+def test_vfpt_without_fourier_prompts_is_vpt_deep() -> None:
+    base = make_backbone("vit")
+    torch.manual_seed(7)
+    vfpt = vpeft.apply(copy.deepcopy(base), "vfpt", num_tokens=4, fourier_fraction=0.0).eval()
+    torch.manual_seed(7)
+    vpt = vpeft.apply(copy.deepcopy(base), "vpt_deep", num_tokens=4).eval()
+    x = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(vfpt(x), vpt(x))
