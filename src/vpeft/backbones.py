@@ -56,9 +56,16 @@ def create_backbone(
                 f"unknown embedded backbone '{name}'; available: {', '.join(embedded_names()) or 'none'}"
             )
         return _EMBEDDED[name](num_classes=num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate, **kwargs)
-    if not timm.is_model(name.split(".")[0]):
+    hub_name = name.startswith(HUB_PREFIXES)  # timm resolves these itself (a Hub repo, or a local folder)
+    if name.startswith("local-dir:") and not (Path(name.partition(":")[2]) / "config.json").is_file():
         raise BackboneError(
-            f"'{name}' is not a timm model name; see timm.list_models() or use an embedded vpeft/... name"
+            f"'{name}': a local-dir: backbone is a folder with timm's config.json and model.safetensors "
+            "(as `timm` or `huggingface_hub` save them); no config.json there"
+        )
+    if not hub_name and not timm.is_model(name.split(".")[0]):
+        raise BackboneError(
+            f"'{name}' is not a timm model name; see timm.list_models(), use hf-hub:<repo>, local-dir:<folder>, "
+            "or an embedded vpeft/... name"
         )
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -75,6 +82,21 @@ def create_backbone(
     if pretrained_file is not None:
         load_weights_file(model, pretrained_file)
     return model
+
+
+#: backbone names timm resolves itself: a Hugging Face Hub repository, or a local folder in the Hub's layout
+HUB_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+def local_dir_weights(name: str) -> Path | None:
+    """The weights file of a ``local-dir:`` backbone (part of a run's identity), or None."""
+    if not name.startswith("local-dir:"):
+        return None
+    folder = Path(name.partition(":")[2])
+    for candidate in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

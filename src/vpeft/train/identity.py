@@ -66,6 +66,7 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
         "pretrained": spec.pretrained,
         "pretrained_file": spec.pretrained_file,
         "pretrained_file_sha256": file_sha256(spec.pretrained_file) if spec.pretrained_file else None,
+        "local_dir_sha256": _local_dir_digest(spec.model),
         "method": spec.method,
         "options": vpeft.make_config(spec.method, **spec.options).to_dict(),
         "mode": spec.mode,
@@ -78,6 +79,17 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
         "train": dataclasses.asdict(spec.train),
     }
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # plain JSON types, tuples as lists
+
+
+def _local_dir_digest(model: str) -> str | None:
+    """A ``local-dir:`` backbone's weights and config are part of the run: their sha256."""
+    from vpeft.backbones import local_dir_weights
+
+    weights = local_dir_weights(model)
+    if weights is None:
+        return None
+    config = weights.parent / "config.json"
+    return f"{file_sha256(weights)}:{file_sha256(config) if config.is_file() else ''}"
 
 
 def run_key(identity: dict[str, Any]) -> str:
