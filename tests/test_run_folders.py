@@ -96,3 +96,15 @@ def test_eval_refuses_another_class_count_and_warns_on_training_splits(task, fin
     assert "part of this adapter's training data" in captured.err and "top-1" in captured.out
     assert main([*common, "--data", f"vtab1k:{task}", "--split", "test"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_finished_run_has_a_model_card_that_parses_back(finished) -> None:
+    from vpeft.card import read_model_card
+
+    record = json.loads((finished / "result.json").read_text())
+    card = read_model_card(finished)
+    assert card["library_name"] == "vpeft" and card["base_model"] == "vit_tiny_patch16_224"
+    assert card["vpeft"]["method"] == "bitfit" and card["vpeft"]["top1"] == record["top1"]
+    assert card["vpeft"]["trainable_params"] == record["trainable_params"]
+    assert card["vpeft"]["protocol"]["eval_split"] == "test" and card["vpeft"]["run_key"] == record["run_key"]
+    assert f"{record['top1']:.2f}%" in (finished / "README.md").read_text()

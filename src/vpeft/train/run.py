@@ -365,6 +365,9 @@ def _train_and_record(
     }
     if main_process:
         vpeft.save_adapter(model, work)
+        from vpeft.card import write_model_card
+
+        write_model_card(work, record)  # README.md: a Hub-style card with method, backbone, task, accuracy
         trainer.remove_checkpoint()
         if work != out:
             commit_staged(work, out)
