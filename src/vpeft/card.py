@@ -29,8 +29,13 @@ def model_card(record: dict[str, Any]) -> str:
             "weights_digest": (record.get("weights") or {}).get("digest"),
             "task": record.get("task"),
             "num_classes": record.get("num_classes"),
-            "protocol": {"mode": record.get("mode"), "eval_split": split, "selection": record.get("selection"),
-                         "seed": record.get("seed"), "epochs": record.get("epochs")},  # fmt: skip
+            "protocol": {
+                "mode": record.get("mode"),
+                "eval_split": split,
+                "selection": record.get("selection"),
+                "seed": record.get("seed"),
+                "epochs": record.get("epochs"),
+            },
             "top1": record.get("top1"),
             "trainable_params": record.get("trainable_params"),
             "run_key": record.get("run_key"),
