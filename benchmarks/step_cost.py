@@ -27,7 +27,8 @@ and the counts are exact and deterministic. By default under the trainer's CUDA 
 autocast with its op lists patched to CUDA's (layer norm, softmax, sums and norms in fp32; einsum and
 every matmul in bf16), so dtype promotions and casts cost what they cost on a GPU; ``--amp off``
 counts fp32. Attention goes through the fused flash (or, with a mask, efficient) attention op a GPU
-runs. Not modelled: what ``torch.compile`` or a GPU library would fuse further.
+runs, dropout through the fused dropout kernel. Not modelled: what ``torch.compile`` or a GPU library
+would fuse further, and Python's own overhead per module call.
 With Hugging Face peft installed, its LoRA on the whole ``qkv`` is counted beside vpeft's
 (``vpeft_lora_qkv``); ``ref_lora_qkv`` is a hand-written reference of peft's formula,
 base(x) + B(A(dropout(x))) * s, counted always.
@@ -123,6 +124,8 @@ class CostMode(TorchDispatchMode):
         c.kernels += 1
         c.kernel_names[name] += 1
         packet = func.overloadpacket
+        if packet not in _MATMUL and name.endswith("_"):  # in-place matmuls (addmm_, baddbmm_) are matmuls
+            packet = getattr(torch.ops.aten, name[:-1], packet)
         if packet in _MATMUL:
             c.flops += flop_registry[packet](*args, **kwargs, out_val=out)
             return out
@@ -157,15 +160,22 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
                                                                   scale=scale)[0]  # fmt: skip
 
 
+def _fused_dropout(x, p=0.5, training=True, inplace=False):
+    """What a GPU runs for F.dropout while training: one fused kernel (CPU tensors take bernoulli, div, mul)."""
+    if not training or p == 0:
+        return x
+    return torch.native_dropout(x, p, True)[0]
+
+
 @contextlib.contextmanager
-def fused_attention():
-    """Route F.scaled_dot_product_attention to the fused op a GPU runs (CPU tensors take another kernel)."""
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _fused_sdpa
+def gpu_kernels():
+    """Route attention and dropout to the fused ops a GPU runs (CPU tensors take other kernels)."""
+    originals = F.scaled_dot_product_attention, F.dropout
+    F.scaled_dot_product_attention, F.dropout = _fused_sdpa, _fused_dropout
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, F.dropout = originals
 
 
 # CUDA autocast's op lists where they differ from CPU autocast's (aten/src/ATen/autocast_mode.cpp)
@@ -310,7 +320,7 @@ def step_cost(model: nn.Module, batch: int, img: int, amp: bool = True, optimize
                 p.grad = torch.zeros_like(p)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        with fused_attention(), CostMode() as mode:
+        with gpu_kernels(), CostMode() as mode:
             with cuda_like_autocast() if amp else contextlib.nullcontext():
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)

@@ -81,3 +81,199 @@ def test_reference_lora_matches_peft_when_installed() -> None:
     pytest.importorskip("peft")
     ref, peft = _cost("ref_lora_qkv"), _cost("peft_lora")
     assert (ref.kernels, ref.flops, ref.bytes_written) == (peft.kernels, peft.flops, peft.bytes_written)
+
+
+# ---------------------------------------------------------------- the proxy's targets (ViT-B/16 width and tokens)
+
+#: ViT-B/16 blocks (width 768, 12 heads, 197 tokens at 224 px); four of them keep the count fast
+VIT_B_4 = {"depth": 4}
+
+
+def _vit_b(method: str) -> step_cost.Cost:
+    return _cost(method, VIT_B_4, img=224, batch=64)
+
+
+def test_lora_on_q_v_costs_no_more_than_peft_lora_on_qkv() -> None:
+    """Issue 19's target: vpeft LoRA (q, v slices) dispatches no more ops and writes no more non-matmul bytes
+    than peft's LoRA formula on the whole qkv (``ref_lora_qkv``; equal to peft's own, tested above)."""
+    lora, ref = _vit_b("lora"), _vit_b("ref_lora_qkv")
+    assert lora.ops <= ref.ops and lora.kernels <= ref.kernels
+    assert lora.bytes_written <= ref.bytes_written and lora.bytes_read <= ref.bytes_read
+    assert lora.by_op["copy_"] == lora.by_op["slice_backward"] == 0  # no slice assignment, in forward or backward
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf"])
+def test_non_matmul_bytes_at_most_twice_full_fine_tuning(method: str) -> None:
+    assert _vit_b(method).bytes_written <= 2 * _vit_b("full").bytes_written
+
+
+# ---------------------------------------------------------------- the cheaper paths compute the same formulas
+
+#: every exactness check runs on the CPU, and on CUDA (with its own autocast) where a GPU is present
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 on CUDA means fp32 (cuDNN convolutions would otherwise round to TF32)."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _grads(fn, x, params, weight):
+    out = fn(x)
+    return (out, *torch.autograd.grad((out.float() * weight).sum(), [x, *params]))
+
+
+@pytest.mark.parametrize("slices", [[(0, 16), (32, 48)], [(0, 48)], [(16, 32)], [(0, 16), (16, 32), (32, 48)]])
+@pytest.mark.parametrize("scaling", [1.0, 0.5])
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_fused_function_matches_the_formula(slices, scaling: float, amp: bool, device: str) -> None:
+    """out = x W^T + b + sum_i P_i (s B_i A_i x), outputs and every gradient (base weight and bias trainable
+    too), in fp32 and under bf16 autocast."""
+    from vpeft.methods.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 48)
+    layer = LoRALinear(base, slices, 4, scaling, 0.0).to(device)
+    for b in layer.lora_B:
+        torch.nn.init.normal_(b)
+    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
+
+    def reference(x):
+        out = torch.nn.functional.linear(x, base.weight, base.bias)
+        pad = []
+        for (start, end), a, b in zip(layer.slices, layer.lora_A, layer.lora_B, strict=True):
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scaling
+            pad.append(torch.nn.functional.pad(delta, (start, out.shape[-1] - end)))
+        return out + sum(pad)
+
+    params = [base.weight, base.bias, *layer.lora_A, *layer.lora_B]
+    weight = torch.randn(3, 5, 48, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        got, want = _grads(layer, x, params, weight), _grads(reference, x, params, weight)
+    assert got[0].dtype == want[0].dtype
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2 if amp else 1e-5, atol=2e-2 if amp else 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "layernorm"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_ssf_keeps_the_activation_dtype_under_autocast(kind: str, device: str) -> None:
+    """Under bf16 autocast SSF's output has the wrapped layer's dtype (no fp32 copy of the activations), and
+    its outputs and gradients match gamma * layer(x) + beta."""
+    from vpeft.methods.ssf import ScaleShift
+
+    torch.manual_seed(0)
+    base = {"linear": torch.nn.Linear(16, 24), "conv": torch.nn.Conv2d(3, 8, 3), "layernorm": torch.nn.LayerNorm(16)}[
+        kind
+    ]
+    base.requires_grad_(False)
+    layer = ScaleShift(base, 0.1).to(device)
+    x = torch.randn(4, 3, 9, 9, device=device) if kind == "conv" else torch.randn(4, 5, 16, device=device)
+    x.requires_grad_(True)
+    shape = [1, -1, 1, 1] if kind == "conv" else [-1]
+
+    def reference(x):
+        return base(x) * layer.scale.view(shape) + layer.shift.view(shape)
+
+    for amp in (False, True):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            weight = torch.randn(base(x).shape, device=device)
+            got = _grads(layer, x, [layer.scale, layer.shift], weight)
+            want = _grads(reference, x, [layer.scale, layer.shift], weight)
+            plain = base(x).dtype
+        assert got[0].dtype == plain  # bf16 after a Linear or conv, fp32 after a norm, as without SSF
+        for g, w in zip(got, want, strict=True):
+            tol = 2e-2 if amp else 1e-5
+            torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
+
+
+def _check_against(model, reference, x, amp: bool) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out_ref = reference(x)
+        weight = torch.randn(out_ref.shape, device=x.device)
+        want = (out_ref, *torch.autograd.grad((out_ref.float() * weight).sum(), [x, *params]))
+        got = _grads(model, x, params, weight)
+    tol = 3e-2 if amp else 1e-5
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
+
+
+def _randomise(model) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_repadapter_folded_path_matches_the_formula(amp: bool, device: str) -> None:
+    """base(x + s (B (A x + a) + c)) with B group-wise, the form the paper writes, against the folded forward."""
+    from vpeft.methods.repadapter import RepAdapterConfig, RepAdapterLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24).requires_grad_(False)
+    layer = RepAdapterLinear(base, RepAdapterConfig(hidden=4, groups=2, scale=0.7, dropout=0.0))
+    _randomise(layer)
+
+    def reference(x):
+        h = layer.down(x).unflatten(-1, (2, 2))
+        up = torch.einsum("...gi,goi->...go", h, layer.up_weight).flatten(-2) + layer.up_bias
+        return base(x + 0.7 * up)
+
+    _check_against(layer.to(device), reference, torch.randn(3, 5, 16, device=device, requires_grad=True), amp)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_convpass_fused_path_matches_the_formula(prefix: int, amp: bool, device: str) -> None:
+    """f(h) + s up(qgelu(conv3x3(qgelu(down h)))) with prefix tokens through the centre tap, written plainly."""
+    from vpeft.methods.convpass import ConvBypass, ConvpassConfig, ParallelBypass, quick_gelu
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 16).requires_grad_(False)
+    bypass = ConvBypass(16, ConvpassConfig(hidden=4, dropout=0.0), prefix, (3, 3), base.weight)
+    layer = ParallelBypass(base, bypass, 0.3)
+    _randomise(layer)
+
+    def reference(h):
+        z = quick_gelu(bypass.down(h))
+        b, _, r = z.shape
+        patches = bypass.conv(z[:, prefix:].transpose(1, 2).reshape(b, r, 3, 3)).flatten(2).transpose(1, 2)
+        cls = torch.nn.functional.linear(z[:, :prefix], bypass.conv.weight[:, :, 1, 1], bypass.conv.bias)
+        z = quick_gelu(torch.cat([cls, patches], dim=1))
+        return base(h) + 0.3 * bypass.up(z)
+
+    x = torch.randn(2, prefix + 9, 16, device=device, requires_grad=True)
+    _check_against(layer.to(device), reference, x, amp)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_adaptformer_fused_path_matches_the_formula(amp: bool, device: str) -> None:
+    """mlp(norm(x)) + s up(relu(down x)), written plainly, against the fused add."""
+    from vpeft.methods.adaptformer import AdaptFormerConfig, ParallelAdapter
+    from vpeft.modules import InputTap, Stash
+
+    torch.manual_seed(0)
+    mlp, norm, stash = torch.nn.Linear(16, 16).requires_grad_(False), torch.nn.LayerNorm(16), Stash()
+    norm.requires_grad_(False)
+    tap, layer = InputTap(norm, stash), ParallelAdapter(mlp, 16, AdaptFormerConfig(bottleneck=4, scale=0.1), stash)
+    _randomise(layer)
+    adapter = layer.adapter
+
+    def reference(x):
+        return mlp(norm(x)) + 0.1 * adapter.up(torch.relu(adapter.down(x)))
+
+    model = torch.nn.Sequential(tap, layer).to(device)
+    _check_against(model, reference, torch.randn(2, 5, 16, device=device, requires_grad=True), amp)

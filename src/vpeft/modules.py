@@ -36,6 +36,29 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(self.act(self.down(x))))
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """out + scale * self(x), the add and the scale fused into the up-projection's matmul."""
+        return add_linear(out, self.dropout(self.act(self.down(x))), self.up.weight, self.up.bias, scale)
+
+
+def add_linear(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    alpha: float = 1.0,
+    bias_column: float = 1.0,
+) -> torch.Tensor:
+    """out + alpha * (z W^T + bias_column * b) as one matmul (``addmm``) for a narrow ``z``.
+
+    The full-width ``out`` sees no elementwise pass (the scale is the matmul's alpha, the add its
+    epilogue); the bias rides on a constant column appended to ``z``, a copy of the narrow ``z`` only."""
+    if bias is not None:
+        z = nn.functional.pad(z, (0, 1), value=bias_column)
+        weight = torch.cat([weight, bias[:, None]], dim=1)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, z.shape[-1]), weight.t(), alpha=alpha)
+    return flat.view(out.shape)
+
 
 class Stash:
     """Carries a sub-block's input (the residual stream before its norm) to a wrapper of that sub-block."""
@@ -62,6 +85,16 @@ class InputTap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.stash.tensor = x
         return self.base_layer(x)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's when it is on for ``x``'s device, else ``x``'s.
+
+    Casting ``x`` once to it lets several matmuls share the cast (autocast casts per call)."""
+    device = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def first_param(module: nn.Module) -> torch.Tensor:

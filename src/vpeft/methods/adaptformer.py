@@ -46,7 +46,7 @@ class ParallelAdapter(BaseLayerWrapper):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = self.stash.take(h.shape, "adaptformer")
-        return self.base_layer(h) + self.scale * self.adapter(x)
+        return self.adapter.add_to(self.base_layer(h), x, self.scale)  # add and scale fused into a matmul
 
 
 @register

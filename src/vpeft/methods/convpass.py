@@ -20,7 +20,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
-from vpeft.modules import first_param
+from vpeft.modules import add_linear, first_param, matmul_dtype
 
 
 @dataclass
@@ -37,8 +37,11 @@ class ConvpassConfig(MethodConfig):
             raise ConfigError(f"convpass: conv_init must be identity or xavier, got '{self.conv_init}'")
 
 
+_K = 1.702  # quick_gelu(x) = x * sigmoid(K x)
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+    return x * torch.sigmoid(_K * x)
 
 
 class ConvBypass(nn.Module):
@@ -64,18 +67,33 @@ class ConvBypass(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = quick_gelu(self.down(h))
-        b, n, r = z.shape
-        p = self.prefix
+        return nn.functional.linear(self.hidden_scaled(h), self.up.weight) / _K + self.up.bias
+
+    def add_to(self, out: torch.Tensor, h: torch.Tensor, scale: float) -> torch.Tensor:
+        """out + scale * self(h) in one matmul, its add fused (``addmm``): the full-width output sees no
+        elementwise pass. The up-projection's bias rides on a constant column appended to the narrow hidden
+        activations; the scale and 1/K are the matmul's alpha."""
+        return add_linear(out, self.hidden_scaled(h), self.up.weight, self.up.bias, scale / _K, bias_column=_K)
+
+    def hidden_scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """K times the bypass before its up-projection (after the dropout).
+
+        quick_gelu(x) = silu(K x) / K, and each factor K folds into a neighbouring linear map's (small)
+        weights: the down-projection's, the conv's bias; the caller's up-projection divides by K. Each
+        activation is one silu kernel instead of three elementwise ops."""
+        b, n, _ = h.shape
+        z = nn.functional.silu(nn.functional.linear(h, self.down.weight * _K, self.down.bias * _K))  # K qgelu(down h)
+        r, p = z.shape[-1], self.prefix
         gh, gw = self.grid if (n - p) == self.grid[0] * self.grid[1] else (math.isqrt(n - p),) * 2
+        conv, dtype = self.conv, z.dtype
+        weight, bias = conv.weight.to(dtype), (conv.bias * _K).to(dtype)  # cast once for both uses
         patches = z[:, p:].transpose(1, 2).reshape(b, r, gh, gw)
-        patches = self.conv(patches).flatten(2).transpose(1, 2)
-        parts = [patches]
+        patches = nn.functional.conv2d(patches, weight, bias, conv.stride, conv.padding)
+        parts = [patches.flatten(2).transpose(1, 2)]
         if p:  # a prefix token as a 1x1 image sees only the kernel's centre tap
-            prefix = torch.nn.functional.linear(z[:, :p], self.conv.weight[:, :, 1, 1], self.conv.bias)
-            parts.insert(0, prefix)
-        z = quick_gelu(torch.cat(parts, dim=1))
-        return self.up(self.dropout(z))
+            prefix = torch.addmm(bias, z[:, :p].reshape(b * p, r), weight[:, :, 1, 1].t())
+            parts.insert(0, prefix.view(b, p, r))
+        return self.dropout(nn.functional.silu(torch.cat(parts, dim=1)))  # K quick_gelu(conv(...))
 
 
 class ParallelBypass(BaseLayerWrapper):
@@ -86,7 +104,8 @@ class ParallelBypass(BaseLayerWrapper):
         self.bypass, self.scale = bypass, scale
 
     def forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.base_layer(h, *args, **kwargs) + self.scale * self.bypass(h)
+        h = h.to(matmul_dtype(h))  # one cast shared by the sub-block's first matmul and the bypass's
+        return self.bypass.add_to(self.base_layer(h, *args, **kwargs), h, self.scale)
 
 
 @register

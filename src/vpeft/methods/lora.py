@@ -4,6 +4,10 @@ Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022. A is
 like a Linear layer (Kaiming-uniform), B at zero, so the model is unchanged at step 0.
 On timm's fused ``qkv`` projection, targets ``q``/``k``/``v`` adapt only their output slices;
 the full-size delta weight is never built in the forward pass.
+
+Speed (GPU first): one down-projection for all slices, one up-projection whose weight holds each
+slice's B in its rows (zeros elsewhere, a small weight built per step), its add fused into the
+matmul (``addmm``): no full-size elementwise pass, copy or slice assignment in forward or backward.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from vpeft.methods.base import (
     register,
     replace_module,
 )
+from vpeft.modules import matmul_dtype
 
 #: roles a target can name; any other target must be a regular expression prefixed "re:"
 ROLES = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
@@ -64,6 +69,81 @@ class LoRAConfig(MethodConfig):
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
+def _split_sizes(slices: list[tuple[int, int]], width: int) -> tuple[list[int], list[int]]:
+    """Sizes that split ``width`` columns at every slice boundary, and which pieces are the slices."""
+    sizes, index, cursor = [], [], 0
+    for start, end in slices:
+        if start > cursor:
+            sizes.append(start - cursor)
+        index.append(len(sizes))
+        sizes.append(end - start)
+        cursor = end
+    if cursor < width:
+        sizes.append(width - cursor)
+    return sizes, index
+
+
+def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The tensors stacked along dim 0 in ``dtype``: one kernel (cat writes the cast)."""
+    if len(tensors) == 1:
+        return tensors[0].to(dtype)
+    out = tensors[0].new_empty((sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=dtype)
+    return torch.cat(tensors, out=out)
+
+
+class _SlicedLoRAFunction(torch.autograd.Function):
+    """out = x W^T + b, then out[:, slice_i] += (x (s A_i)^T) B_i^T, all in matmuls, in ``dtype``.
+
+    ``lora`` is every slice's A, then every slice's B. One down-projection for all slices; each
+    up-projection adds into its output columns in place (a strided matmul output); the backward pass is
+    matmuls only, the LoRA and base input gradients meeting in one ``addmm``. No full-size elementwise
+    pass, copy or slice assignment runs in forward or backward; the casts are those autocast makes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, scaling, slices, *lora):
+        n = len(slices)
+        ctx.dtypes = (x.dtype, weight.dtype, lora[0].dtype, lora[n].dtype)
+        ctx.scaling, ctx.ranks, ctx.heights = scaling, [t.shape[0] for t in lora[:n]], [t.shape[0] for t in lora[n:]]
+        ctx.sizes, ctx.index = _split_sizes(slices, weight.shape[0])
+        x, weight = x.to(dtype), weight.to(dtype)
+        a, b = _stack(lora[:n], dtype), _stack(lora[n:], dtype)
+        a = a * scaling if scaling != 1.0 else a  # the scaling multiplies a small weight, not activations
+        out = torch.addmm(bias.to(dtype), x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        low = torch.mm(x, a.t())
+        pieces, lows, bs = out.split(ctx.sizes, dim=1), low.split(ctx.ranks, dim=1), b.split(ctx.heights)
+        for i, low_i, b_i in zip(ctx.index, lows, bs, strict=True):
+            pieces[i].addmm_(low_i, b_i.t())
+        ctx.save_for_backward(x, weight, a, b, *lows, *bs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        n = len(ctx.index)
+        x, weight, a, b, *saved = ctx.saved_tensors
+        lows, bs = saved[:n], saved[n:]
+        need, (x_dtype, w_dtype, a_dtype, b_dtype) = ctx.needs_input_grad, ctx.dtypes
+        grad = grad.to(x.dtype)
+        split = grad.split(ctx.sizes, dim=1)
+        pieces = [split[i] for i in ctx.index]
+        grad_low = grad.new_empty((grad.shape[0], a.shape[0]))
+        for g, b_i, out in zip(pieces, bs, grad_low.split(ctx.ranks, dim=1), strict=True):
+            torch.mm(g, b_i, out=out)
+        grad_as, grad_bs = [None] * n, [None] * n
+        if any(need[6 + n :]):
+            grad_b = grad.new_empty(b.shape)
+            for g, low_i, out in zip(pieces, lows, grad_b.split(ctx.heights), strict=True):
+                torch.mm(g.t(), low_i, out=out)
+            grad_bs = list(grad_b.to(b_dtype).split(ctx.heights))
+        if any(need[6 : 6 + n]):
+            grad_a = torch.mm(grad_low.t(), x)
+            grad_a = grad_a * ctx.scaling if ctx.scaling != 1.0 else grad_a
+            grad_as = list(grad_a.to(a_dtype).split(ctx.ranks))
+        grad_x = torch.mm(grad, weight).addmm_(grad_low, a).to(x_dtype) if need[0] else None
+        grad_weight = torch.mm(grad.t(), x).to(w_dtype) if need[1] else None
+        grad_bias = grad.sum(0).to(w_dtype) if need[2] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, *grad_as, *grad_bs
+
+
 class LoRALinear(BaseLayerWrapper):
     """A Linear layer plus low-rank updates on one or more slices of its output features."""
 
@@ -82,16 +162,36 @@ class LoRALinear(BaseLayerWrapper):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        h = self.dropout(x)
-        # the scaling multiplies the rank-r activations, not the layer's full-width output
-        if len(self.slices) == 1 and self.slices[0] == (0, self.base_layer.out_features):
-            low = F.linear(h, self.lora_A[0]) * self.scaling
-            flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_B[0].t())
-            return flat.view(out.shape)  # the add is fused into the up-projection's matmul
-        for (start, end), a, b in zip(self.slices, self.lora_A, self.lora_B, strict=True):
-            out[..., start:end] += F.linear(F.linear(h, a) * self.scaling, b)
-        return out
+        layer = self.base_layer
+        if self.training and not isinstance(self.dropout, nn.Identity):  # the down-projection reads dropout(x)
+            out = layer(x)
+            low = F.linear(self.dropout(x), self._down_weight())  # every slice's rank-r activations, one matmul
+            # one up-projection to the full width, zero rows outside the slices, its add fused into the matmul
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), self._up_weight().t())
+            return flat.view(out.shape)
+        lora = [*self.lora_A, *self.lora_B]
+        flat = x.reshape(-1, x.shape[-1])
+        out = _SlicedLoRAFunction.apply(
+            flat, layer.weight, layer.bias, matmul_dtype(x), self.scaling, self.slices, *lora
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _down_weight(self) -> torch.Tensor:
+        """All slices' A stacked (slices * r, in), scaled: the scaling multiplies a small weight, not activations."""
+        a = self.lora_A[0] if len(self.lora_A) == 1 else torch.cat(list(self.lora_A))
+        return a if self.scaling == 1.0 else a * self.scaling
+
+    def _up_weight(self) -> torch.Tensor:
+        """(out, slices * r): B of slice i in its output rows and its own r columns, zero elsewhere."""
+        blocks, cursor = [], 0
+        for (start, end), b in zip(self.slices, self.lora_B, strict=True):
+            if start > cursor:
+                blocks.append(b.new_zeros(start - cursor, 0))  # rows no slice adapts: zero-width blocks
+            blocks.append(b)
+            cursor = end
+        if cursor < self.base_layer.out_features:
+            blocks.append(blocks[-1].new_zeros(self.base_layer.out_features - cursor, 0))
+        return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
 
     def delta_weight(self, index: int) -> torch.Tensor:
         return (self.lora_B[index] @ self.lora_A[index]) * self.scaling

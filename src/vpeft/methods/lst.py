@@ -22,6 +22,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.modules import matmul_dtype
 
 ROOT = "vpeft_lst"
 
@@ -60,14 +61,25 @@ class SideNetwork(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def step(self, index: int, feature: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        down = self.down[index](feature)
-        if state is None:
-            mixed = down
-        else:
-            mu = torch.sigmoid(self.alpha[index] / self.temperature)
-            mixed = mu * down + (1 - mu) * state
-        return self.blocks[index](mixed)
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """down_i(f_i) of every block in one batched matmul: ``[depth, ..., D]`` -> ``[depth, ..., side]``."""
+        dtype = features.dtype
+        weight = torch.stack([d.weight for d in self.down]).to(dtype)  # (depth, side, D)
+        bias = torch.stack([d.bias for d in self.down]).to(dtype)
+        flat = features.reshape(features.shape[0], -1, features.shape[-1])
+        out = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+        return out.view(*features.shape[:-1], -1)
+
+    def run(self, downs: torch.Tensor) -> torch.Tensor:
+        """The side blocks over the projected features: block i reads mu_i * down_i + (1 - mu_i) * state."""
+        mus = torch.sigmoid(self.alpha / self.temperature).to(downs.dtype)  # every gate at once
+        state = None
+        for index, block in enumerate(self.blocks):
+            down = downs[index]
+            state = block(
+                down if state is None else torch.lerp(state, down.to(state.dtype), mus[index].to(state.dtype))
+            )
+        return state
 
     def output(self, state: torch.Tensor) -> torch.Tensor:
         return self.up(self.norm(state))
@@ -75,20 +87,23 @@ class SideNetwork(nn.Module):
     def ladder(self, features: torch.Tensor) -> torch.Tensor:
         """The last block's output after the side network, from all block outputs ``[B, depth, T, D]``.
 
-        What the ladder blocks compute in a forward pass, for training from cached backbone features.
-        """
-        state = None
-        for index in range(features.shape[1]):
-            state = self.step(index, features[:, index], state)
-        return features[:, -1] + self.output(state)
+        What the ladder blocks compute in a forward pass, for training from cached backbone features."""
+        packed = features.new_empty(
+            (features.shape[1], features.shape[0], *features.shape[2:]), dtype=matmul_dtype(features)
+        )
+        packed.copy_(features.transpose(0, 1))  # one copy, in the matmul's dtype
+        return features[:, -1] + self.output(self.run(self.project(packed)))
 
 
 class _LadderState:
-    state: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # every block's output so far, [depth, ...], in the matmul's dtype
 
 
 class LadderBlock(BaseLayerWrapper):
-    """Runs a frozen backbone block without autograd, then one step of the side network."""
+    """Runs a frozen backbone block without autograd and keeps its output; the last one runs the side network.
+
+    Every block's output goes into one buffer (already cast for the matmuls), so the side network's
+    down-projections run as one batched matmul and its gates as one op, not one small op per block."""
 
     def __init__(self, base_layer: nn.Module, side: SideNetwork, index: int, last: bool, ladder: _LadderState):
         super().__init__(base_layer)
@@ -98,12 +113,15 @@ class LadderBlock(BaseLayerWrapper):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         with torch.no_grad():
             feature = self.base_layer(x.detach(), *args, **kwargs)
-        state = self.side.step(self.index, feature, None if self.index == 0 else self.ladder.state)
+        if self.index == 0:
+            depth = len(self.side.blocks)
+            self.ladder.features = feature.new_empty((depth, *feature.shape), dtype=matmul_dtype(feature))
+        features = self.ladder.features
+        features[self.index].copy_(feature)  # the cast the down-projection would make
         if not self.last:
-            self.ladder.state = state
             return feature
-        self.ladder.state = None
-        return feature + self.side.output(state)
+        self.ladder.features = None
+        return feature + self.side.output(self.side.run(self.side.project(features)))
 
 
 @register

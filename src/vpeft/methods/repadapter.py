@@ -19,6 +19,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.modules import matmul_dtype
 
 
 @dataclass
@@ -65,7 +66,22 @@ class RepAdapterLinear(BaseLayerWrapper):
         return self._up(self.dropout(self.down(x))) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x + self.adapter(x))
+        # W (x + s (U h + c)) + b  =  W x + (b + s W c) + (s W U) h,  h = dropout(A x + a): the adapter reaches
+        # the output through two small weights built per step, (s W U) and b + s W c, so the full-width
+        # activations see no elementwise pass: one matmul more, of rank ``hidden``, its add fused (addmm)
+        layer = self.base_layer
+        dtype = matmul_dtype(x)
+        x, weight = x.to(dtype), layer.weight.to(dtype)  # one cast each, shared by the matmuls
+        h = self.dropout(self.down(x))
+        up = self._dense_up()
+        w_up = weight @ (up if self.scale == 1.0 else up * self.scale).to(dtype)  # (out, hidden)
+        if layer.bias is None:
+            bias = torch.mv(weight, self.up_bias.to(dtype)) * self.scale
+        else:
+            bias = torch.addmv(layer.bias.to(dtype), weight, self.up_bias.to(dtype), alpha=self.scale)
+        out = F.linear(x, weight, bias.to(dtype))
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]).to(dtype), w_up.t())
+        return flat.view(out.shape)
 
     def _dense_up(self) -> torch.Tensor:
         return torch.block_diag(*self.up_weight)  # (dim, hidden)

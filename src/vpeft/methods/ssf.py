@@ -76,7 +76,10 @@ def _channel_shape(ndim: int, channel_dim: int) -> list[int]:
 
 
 class _ScaleShiftFunction(torch.autograd.Function):
-    """out = gamma * y + beta per channel, with a backward of two multiplies and two reductions."""
+    """out = gamma * y + beta per channel, in y's dtype, with a backward of two multiplies and two reductions.
+
+    Every elementwise op writes its result in the activations' dtype (``out=``): fp32 parameters and bf16
+    activations make one kernel, with neither a cast of the parameters nor an fp32 copy of the output."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -84,21 +87,22 @@ class _ScaleShiftFunction(torch.autograd.Function):
         shape = _channel_shape(y.ndim, channel_dim)
         ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, scale)
         ctx.shape, ctx.reduce = shape, [d for d in range(y.ndim) if d != channel_dim % y.ndim]
-        return torch.addcmul(shift.view(shape), y, scale.view(shape))
+        return torch.addcmul(shift.view(shape), y, scale.view(shape), out=torch.empty_like(y))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, scale = ctx.saved_tensors
-        grad_y = grad * scale.view(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_scale = (grad * y).sum(ctx.reduce) if ctx.needs_input_grad[1] else None
-        grad_shift = grad.sum(ctx.reduce) if ctx.needs_input_grad[2] else None
+        grad_y = torch.mul(grad, scale.view(ctx.shape), out=torch.empty_like(grad)) if ctx.needs_input_grad[0] else None
+        grad_scale = (grad * y).sum(ctx.reduce, dtype=scale.dtype) if ctx.needs_input_grad[1] else None
+        grad_shift = grad.sum(ctx.reduce, dtype=scale.dtype) if ctx.needs_input_grad[2] else None
         return grad_y, grad_scale, grad_shift, None
 
 
 class _FrozenLinearScaleShiftFunction(torch.autograd.Function):
-    """out = gamma * (x W^T + b) + beta for a frozen W, b. The input gradient is g (gamma W), one matmul
-    with the scale folded into the (small) weight instead of a pass over the activations."""
+    """out = gamma * (x W^T + b) + beta for a frozen W, b, in the matmul's dtype (bf16 under autocast, as
+    the Linear alone would give: no fp32 copy of the activations). The input gradient is g (gamma W), one
+    matmul with the scale folded into the (small) weight instead of a pass over the activations."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -112,17 +116,26 @@ class _FrozenLinearScaleShiftFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         y = nn.functional.linear(x, weight, bias)
         ctx.save_for_backward(y if ctx.needs_input_grad[3] else None, weight, scale)
-        return torch.addcmul(shift, y, scale)
+        return torch.addcmul(shift, y, scale, out=torch.empty_like(y))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, weight, scale = ctx.saved_tensors
-        grad_x = grad.matmul(weight * scale[:, None]) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[0]:
+            folded = torch.mul(weight, scale[:, None], out=weight.new_empty(weight.shape, dtype=grad.dtype))
+            grad_x = grad.matmul(folded)
+        else:
+            grad_x = None
         dims = tuple(range(grad.ndim - 1))
-        grad_scale = (grad * y).sum(dims) if ctx.needs_input_grad[3] else None
-        grad_shift = grad.sum(dims) if ctx.needs_input_grad[4] else None
+        grad_scale = (grad * y).sum(dims, dtype=scale.dtype) if ctx.needs_input_grad[3] else None
+        grad_shift = grad.sum(dims, dtype=scale.dtype) if ctx.needs_input_grad[4] else None
         return grad_x, None, None, grad_scale, grad_shift
+
+
+def _as(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s dtype (a parameter cast to the activations' dtype, as autocast casts weights)."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
 
 
 def _folds_into_norm(layer: nn.Module) -> bool:
@@ -151,7 +164,7 @@ class ScaleShift(BaseLayerWrapper):
         if not torch.is_grad_enabled():  # inference: the plain op; the fused paths only pay off in backward
             y = self.base_layer(x)
             shape = _channel_shape(y.ndim, self.channel_dim)
-            return torch.addcmul(self.shift.view(shape), y, self.scale.view(shape))
+            return torch.addcmul(_as(self.shift, y).view(shape), y, _as(self.scale, y).view(shape))
         if self.fold_into_norm:
             norm = self.base_layer
             weight = norm.weight * self.scale
