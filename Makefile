@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test lint bench docs clean
+.PHONY: install test lint bench docs clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ docs: install
 	hidden = [n for n in names if n.rpartition(".")[2] not in getattr(importlib.import_module(n.rpartition(".")[0]), "__all__", [n.rpartition(".")[2]])]; \
 	cli(["--docformat", "markdown", "-o", "$(DOCS_OUT)", "vpeft", *hidden])'
 	@echo "API reference: $(DOCS_OUT)/index.html"
+
+# On a GPU machine without network (torch, timm and peft preinstalled): step table against full FT
+# and peft, an end-to-end train on a generated VTAB-1k-sized task, a profile per method, the tests.
+# Uses $(PYTHON) with src/ on PYTHONPATH, no install; GPU_CHECK_ARGS=--smoke checks it on a CPU.
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -2,6 +2,8 @@
 
     python benchmarks/step_time.py [--model vit_small_patch16_224 --img 112 --batch 16 --rounds 7]
 
+Each step is the trainer's: forward under its autocast (on CUDA bf16, or fp16 with a grad scaler where
+bf16 is missing; ``--amp`` overrides), cross-entropy on fp32 logits, backward, AdamW.
 Methods are timed in interleaved rounds (one step of each method per round, the order reversed
 every other round) and each ratio is the median over rounds of the two methods' times in the same
 round, so drift of the machine's speed cancels and the ratios hold on a noisy machine. Memory: on CUDA the peak
@@ -57,9 +59,31 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(params, lr=1e-4)
 
 
+#: the autocast dtype of a step (None: fp32), set from --amp; the trainer's choice on CUDA by default
+AMP: torch.dtype | None = None
+_SCALERS: dict[int, torch.amp.GradScaler] = {}  # one per optimizer, for fp16
+
+
+def amp_dtype(amp: str, device: str) -> torch.dtype | None:
+    """The trainer's rule (vpeft.train.trainer): on CUDA bf16 where supported, else fp16; fp32 on CPU."""
+    if amp == "off" or (amp == "auto" and not device.startswith("cuda")):
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
 def step(model, opt, x, y) -> None:
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    """One training step as the trainer runs it: forward under autocast, loss on fp32 logits, backward, AdamW."""
+    with torch.autocast(x.device.type, dtype=AMP or torch.float32, enabled=AMP is not None):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
+    if AMP == torch.float16:  # fp16 needs loss scaling (the trainer's GradScaler)
+        scaler = _SCALERS.setdefault(id(opt), torch.amp.GradScaler(x.device.type))
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return
     loss.backward()
     opt.step()
 
@@ -73,14 +97,14 @@ def memory_of(model, opt, x, y, device: str) -> float:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
     saved = SavedBytes()
-    with saved:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+    with saved, torch.autocast(x.device.type, dtype=AMP or torch.float32, enabled=AMP is not None):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     loss.backward()
     return (sum(saved.storages.values()) + 3 * trainable) / 2**20
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--img", type=int, default=112)
@@ -88,7 +112,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                        help="autocast: auto is the trainer's (bf16 on CUDA, else fp16; fp32 on CPU)")  # fmt: skip
+    args = parser.parse_args(argv)
+    global AMP
+    AMP = amp_dtype(args.amp, args.device)
     names = args.methods.split(",")
     try:
         import peft  # noqa: F401
@@ -124,8 +152,9 @@ def main() -> None:
         """Median over rounds of a's step time over b's in the same round."""
         return statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
 
+    amp = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[AMP]
     print(f"{args.model} at {args.img}px, batch {args.batch}, {args.device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), median of {args.rounds} interleaved rounds")  # fmt: skip
+          f"{torch.get_num_threads()} threads), {amp}, median of {args.rounds} interleaved rounds")  # fmt: skip
     print("| method | step ms | step / full | memory MB | memory / full |")
     print("|---|---|---|---|---|")
     for n in built:

@@ -23,9 +23,10 @@ def _free_port() -> int:
 
 
 def _train_args(data: str, out) -> list[str]:
+    # the CPU: gloo, fp32, and two ranks that one GPU could not host (the trainer would pick CUDA)
     args = ["train", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--data", data, "--method", "lora",
             "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--lr", "3e-3", "--drop-path", "0",
-            "--out", str(out), "--quiet"]  # fmt: skip
+            "--out", str(out), "--quiet", "--device", "cpu"]  # fmt: skip
     return args + [a for k, v in TINY_VIT.items() for a in ("--model-arg", f"{k}={v}")]
 
 

@@ -67,6 +67,8 @@ def test_cli_train_lora_beats_chance(vtab_task, tmp_path, capsys) -> None:
         "--out",
         str(out),
         "--quiet",
+        "--device",
+        "cpu",  # the accuracy bound and the exact parameter counts are CPU fp32 facts; CUDA has its own test
     ]
     argv += [a for k, v in TINY_VIT.items() for a in ("--model-arg", f"{k}={v}")]
     assert main(argv) == 0
@@ -257,11 +259,27 @@ def test_ppt_matches_published_example() -> None:
     assert round(ppt(0.7170, 2_380_000), 2) == 0.65
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_train_defaults_to_cuda_with_autocast(vtab_task, tmp_path) -> None:
+    """Without --device the trainer picks CUDA and its autocast (bf16, or fp16 with a scaler) and still learns."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--data", f"vtab1k:{vtab_task}",
+            "--method", "lora", "--opt", "rank=4", "--epochs", "6", "--warmup-epochs", "1", "--lr", "3e-3",
+            "--batch-size", "16", "--drop-path", "0", "--out", str(out), "--quiet"]  # fmt: skip
+    argv += [a for k, v in TINY_VIT.items() for a in ("--model-arg", f"{k}={v}")]
+    assert main(argv) == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "ok" and record["device"].startswith("cuda")
+    assert record["top1"] >= 50.0, f"LoRA under autocast should clearly beat chance (25%): {record['top1']}"
+
+
 @pytest.mark.parametrize("method", ["linear", "partial_k", "lst"])
 def test_frozen_prefix_cache_is_exact(vtab_task, tmp_path, method: str) -> None:
     """Training from cached frozen-prefix features gives the weights of training through the prefix."""
-    cached = run(_spec(f"vtab1k:{vtab_task}", method=method), tmp_path / "cached", progress=False)
-    plain = run(_spec(f"vtab1k:{vtab_task}", method=method, feature_cache="off"), tmp_path / "plain", progress=False)
+    cpu = {"device": "cpu"}  # exact to 1e-5: fp32 on the CPU (the trainer would pick CUDA and bf16)
+    cached = run(_spec(f"vtab1k:{vtab_task}", method=method, train=cpu), tmp_path / "cached", progress=False)
+    plain = run(_spec(f"vtab1k:{vtab_task}", method=method, feature_cache="off", train=cpu), tmp_path / "plain",
+                progress=False)  # fmt: skip
     assert cached["feature_cache"] is True and plain["feature_cache"] is False
     wa = load_file(str(tmp_path / "cached/adapter.safetensors"))
     wb = load_file(str(tmp_path / "plain/adapter.safetensors"))
