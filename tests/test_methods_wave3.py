@@ -54,6 +54,15 @@ def _hydra(d: int, depth: int, hidden: int) -> int:
     return depth * (_hydra_layer(d, d) + _hydra_layer(hidden, d))
 
 
+def _glora_layer(fan_in: int, fan_out: int, r: int = 4) -> int:
+    """Default configuration: A, C, D, E vectors (out, in, out, out), B rank-r."""
+    return fan_out + r * (fan_in + fan_out) + fan_in + 2 * fan_out
+
+
+def _glora(d: int, depth: int, hidden: int) -> int:
+    return depth * (_glora_layer(d, 3 * d) + _glora_layer(d, d) + _glora_layer(d, hidden) + _glora_layer(hidden, d))
+
+
 SPECS: dict[str, Spec] = {
     "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
     "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
@@ -62,6 +71,7 @@ SPECS: dict[str, Spec] = {
     ),
     "hydra": Spec(identity={}, small_vit=_hydra(D, DEPTH, HIDDEN), vit_b=_hydra(768, 12, 3072)),
     "vfpt": Spec(identity=None, small_vit=DEPTH * 50 * D, vit_b=12 * 50 * 768),
+    "glora": Spec(identity={}, small_vit=_glora(D, DEPTH, HIDDEN), vit_b=_glora(768, 12, 3072)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -347,3 +357,46 @@ def test_vfpt_without_fourier_prompts_is_vpt_deep() -> None:
     x = make_input()
     with torch.no_grad():
         torch.testing.assert_close(vfpt(x), vpt(x))
+
+
+GLORA_CONFIGS = [
+    dict(a="lora", b="lora", c="lora", d="vector", e="vector"),
+    dict(a="constant", b="vector", c="none", d="constant", e="constant"),
+    dict(a="none", b="none", c="lora", d="none", e="none"),
+]
+
+
+@pytest.mark.parametrize("options", GLORA_CONFIGS)
+def test_glora_matches_the_official_layer(options: dict) -> None:
+    """W' = W + W * A + B, b' = b + b * D + E + W C, as the code's SuperScalableLinear (its X_d, X_u slices)."""
+    _, model = _apply("glora", "vit", **options)
+    _perturb_trainable(model)
+    layer = model.blocks[0].mlp.fc1
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+
+    def support(key: str, zero: torch.Tensor) -> torch.Tensor:
+        kind = options[key]
+        if kind == "lora":
+            return getattr(layer, f"{key}_down") @ getattr(layer, f"{key}_up")
+        return zero if kind == "none" else getattr(layer, key)
+
+    a, bb, c = support("a", torch.zeros(())), support("b", torch.zeros(())), support("c", torch.zeros(D, 1))
+    dd, e = support("d", torch.zeros(())), support("e", torch.zeros(()))
+    x = torch.randn(3, 5, D)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, w + w * a + bb, b + b * dd + e + (w @ c)[:, 0])
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", GLORA_CONFIGS)
+def test_glora_merge_any_configuration(options: dict) -> None:
+    base, model = _apply("glora", "vit", **options)
+    _perturb_trainable(model)
+    x = make_input()
+    with torch.no_grad():
+        expected = model(x)
+        reloaded = copy.deepcopy(base)
+        reloaded.load_state_dict(vpeft.merge(model).state_dict(), strict=True)
+        torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
+        vpeft.unmerge(model)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vpeft.anatomy import Anatomy
@@ -72,8 +73,8 @@ class HydraLinear(BaseLayerWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        zp, zs = self.dropout(self.par_down(x)), self.dropout(self.seq_down(y))
-        z = torch.cat([zp, zs, torch.ones_like(zp[..., :1])], dim=-1)  # narrow; the ones column carries the biases
+        z = self.dropout(torch.cat([self.par_down(x), self.seq_down(y)], dim=-1))  # narrow: both branches at once
+        z = F.pad(z, (0, 1), value=1.0)  # a ones column carries the up-projections' biases
         bias = (self.par_up.bias + self.seq_up.bias)[:, None]
         weight = torch.cat([self.par_up.weight, self.seq_up.weight, bias], dim=1)
         flat = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), weight.t(), alpha=self.scale)
