@@ -72,6 +72,7 @@ SPECS: dict[str, Spec] = {
     "hydra": Spec(identity={}, small_vit=_hydra(D, DEPTH, HIDDEN), vit_b=_hydra(768, 12, 3072)),
     "vfpt": Spec(identity=None, small_vit=DEPTH * 50 * D, vit_b=12 * 50 * 768),
     "glora": Spec(identity={}, small_vit=_glora(D, DEPTH, HIDDEN), vit_b=_glora(768, 12, 3072)),
+    "utuning": Spec(identity={}, small_vit=DEPTH * 2 * (2 * D * 8 + 8 + D), vit_b=12 * 2 * (2 * 768 * 8 + 8 + 768)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -400,3 +401,19 @@ def test_glora_merge_any_configuration(options: dict) -> None:
         torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
         vpeft.unmerge(model)
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_utuning_tuners_read_the_operation_input() -> None:
+    """x' = OP(x) + U(x) with OP = attention, MLP (inputs after their norms) and the whole block."""
+    base, model = _apply("utuning", "vit", ops=["attn", "mlp", "block"])
+    _perturb_trainable(model)
+    x = torch.randn(2, 17, D)
+    wrapped, ref = model.blocks[0], base.blocks[0]
+    inner = wrapped.base_layer
+    with torch.no_grad():
+        h = ref.norm1(x)
+        y = x + ref.attn(h) + inner.attn.up(torch.nn.functional.gelu(inner.attn.down(h)))
+        h = ref.norm2(y)
+        y = y + ref.mlp(h) + inner.mlp.up(torch.nn.functional.gelu(inner.mlp.down(h)))
+        y = y + wrapped.up(torch.nn.functional.gelu(wrapped.down(x)))
+        torch.testing.assert_close(wrapped(x), y, rtol=1e-5, atol=1e-5)
