@@ -73,6 +73,7 @@ SPECS: dict[str, Spec] = {
     "vfpt": Spec(identity=None, small_vit=DEPTH * 50 * D, vit_b=12 * 50 * 768),
     "glora": Spec(identity={}, small_vit=_glora(D, DEPTH, HIDDEN), vit_b=_glora(768, 12, 3072)),
     "utuning": Spec(identity={}, small_vit=DEPTH * 2 * (2 * D * 8 + 8 + D), vit_b=12 * 2 * (2 * 768 * 8 + 8 + 768)),
+    "snf": Spec(identity=None, small_vit=DEPTH * 2 * (2 * D + 16 * (2 * D + 1)), vit_b=24 * (2 * 768 + 16 * 1537)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -417,3 +418,37 @@ def test_utuning_tuners_read_the_operation_input() -> None:
         y = y + ref.mlp(h) + inner.mlp.up(torch.nn.functional.gelu(inner.mlp.down(h)))
         y = y + wrapped.up(torch.nn.functional.gelu(wrapped.down(x)))
         torch.testing.assert_close(wrapped(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_snf_block_matches_the_official_forward_and_gradients() -> None:
+    """x = f1(x) + Attn(LN1(x)); x = f2(x) + MLP(LN2(x)), f = planar flows after an affine map, step by step."""
+    base, model = _apply("snf", "vit", init_bound=0.3)
+    with torch.no_grad():
+        for block in model.blocks:
+            for flow in (block.flow1, block.flow2):
+                flow.mu.normal_(0, 0.1)
+                flow.log_sigma.normal_(0, 0.1)
+    block, ref = model.blocks[0], base.blocks[0]
+    x = torch.randn(2, 17, D)
+    out = block(x)
+    y = block.flow1.reference(x) + ref.attn(ref.norm1(x))
+    expected = block.flow2.reference(y) + ref.mlp(ref.norm2(y))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    params = [block.flow1.weight, block.flow1.scale, block.flow1.bias, block.flow1.log_sigma, block.flow2.mu]
+    fast = torch.autograd.grad(out, params, g)
+    slow = torch.autograd.grad(expected, params, g)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_snf_starts_close_to_the_backbone() -> None:
+    base, model = _apply("snf", "vit")
+    x = make_input()
+    with torch.no_grad():
+        assert 0 < (model(x) - base(x)).abs().max() < 0.05
+
+
+def test_snf_refuses_other_block_types() -> None:
+    with pytest.raises(UnsupportedBackboneError, match="snf"):
+        vpeft.apply(make_backbone("swin"), "snf")
