@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, help="seconds for all four sections (360; with --smoke 1800)")
     args = parser.parse_args(argv)
     args.budget = args.budget or (1800.0 if args.smoke else 360.0)
+    sys.path.insert(0, str(ROOT / "src"))  # the project, also when run without make
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if "step" not in skip:
         print("\n## 1. Training step against full FT and peft (step_time.py, the trainer's autocast)", flush=True)
         cmd = [py, str(BENCH / "step_time.py"), "--device", device, *geometry]
-        results["step"] = _run(cmd, min(110.0 if not args.smoke else 600.0, left()), env)
+        results["step"] = _run(cmd, min(150.0 if not args.smoke else 600.0, left()), env)
 
     if "train" not in skip:
         print("\n## 2. End to end: vpeft train, LoRA, on a generated VTAB-1k-sized task", flush=True)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                "--out", str(run_dir), "--quiet"]  # fmt: skip
         if args.smoke:
             cmd += ["--batch-size", "8", "--model-arg", f"img_size={img}"]
-        rc, seconds = _run(cmd, min(120.0 if not args.smoke else 600.0, left()), env)
+        rc, seconds = _run(cmd, min(100.0 if not args.smoke else 600.0, left()), env)
         results["train"] = (rc, seconds)
         record = run_dir / "result.json"
         if rc == 0 and record.exists():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
@@ -117,6 +118,7 @@ class _SlicedLoRAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward writes into buffers (out=): no double backward
     def backward(ctx, grad):
         n = len(ctx.index)
         x, weight, a, b, *saved = ctx.saved_tensors

@@ -72,13 +72,10 @@ class SideNetwork(nn.Module):
 
     def run(self, downs: torch.Tensor) -> torch.Tensor:
         """The side blocks over the projected features: block i reads mu_i * down_i + (1 - mu_i) * state."""
-        mus = torch.sigmoid(self.alpha / self.temperature).to(downs.dtype)  # every gate at once
+        mus = torch.sigmoid(self.alpha / self.temperature).to(downs.dtype).unbind()  # every gate at once
         state = None
-        for index, block in enumerate(self.blocks):
-            down = downs[index]
-            state = block(
-                down if state is None else torch.lerp(state, down.to(state.dtype), mus[index].to(state.dtype))
-            )
+        for block, down, mu in zip(self.blocks, downs.unbind(), mus, strict=True):  # unbind: one backward op
+            state = block(down if state is None else torch.lerp(state, down.to(state.dtype), mu.to(state.dtype)))
         return state
 
     def output(self, state: torch.Tensor) -> torch.Tensor:
