@@ -63,6 +63,10 @@ def _glora(d: int, depth: int, hidden: int) -> int:
     return depth * (_glora_layer(d, 3 * d) + _glora_layer(d, d) + _glora_layer(d, hidden) + _glora_layer(hidden, d))
 
 
+def _bapat(d: int, depth: int, mid: int = 128, ffn: int = 64) -> int:
+    return depth * ((d * mid + mid + mid * 2 * d + 2 * d) + (d * ffn + ffn + ffn * d + d))
+
+
 SPECS: dict[str, Spec] = {
     "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
     "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
@@ -74,6 +78,7 @@ SPECS: dict[str, Spec] = {
     "glora": Spec(identity={}, small_vit=_glora(D, DEPTH, HIDDEN), vit_b=_glora(768, 12, 3072)),
     "utuning": Spec(identity={}, small_vit=DEPTH * 2 * (2 * D * 8 + 8 + D), vit_b=12 * 2 * (2 * 768 * 8 + 8 + 768)),
     "snf": Spec(identity=None, small_vit=DEPTH * 2 * (2 * D + 16 * (2 * D + 1)), vit_b=24 * (2 * 768 + 16 * 1537)),
+    "bapat": Spec(identity=dict(attn_init="zero_up"), small_vit=_bapat(D, DEPTH), vit_b=_bapat(768, 12)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -452,3 +457,26 @@ def test_snf_starts_close_to_the_backbone() -> None:
 def test_snf_refuses_other_block_types() -> None:
     with pytest.raises(UnsupportedBackboneError, match="snf"):
         vpeft.apply(make_backbone("swin"), "snf")
+
+
+@pytest.mark.parametrize("slots", ["kv", "qkv", "qv"])
+def test_bapat_shifts_keys_and_values_as_the_official_attention(slots: str) -> None:
+    """q, k, v of the block, then k += s dK, v += s dV with [dK, dV] = up(tanh(down(x))), attention as usual."""
+    base, model = _apply("bapat", "vit", attn_slots=slots)
+    _perturb_trainable(model)
+    qkv = model.blocks[0].attn.qkv
+    ref = base.blocks[0].attn
+    x = torch.randn(2, 17, D)
+    with torch.no_grad():
+        q, k, v = ref.qkv(x).reshape(2, 17, 3, 3, D // 3).permute(2, 0, 3, 1, 4)
+        shift = qkv.up(torch.tanh(qkv.down(x))).reshape(2, 17, len(slots), 3, D // 3).permute(2, 0, 3, 1, 4)
+        parts = {"q": q, "k": k, "v": v}
+        for i, name in enumerate(slots):
+            parts[name] = parts[name] + 0.8 * shift[i]
+        out = torch.nn.functional.scaled_dot_product_attention(parts["q"], parts["k"], parts["v"])
+        expected = ref.proj(out.transpose(1, 2).reshape(2, 17, D))
+        torch.testing.assert_close(model.blocks[0].attn(x), expected, rtol=1e-5, atol=1e-5)
+        mlp = model.blocks[0].mlp
+        h = torch.randn(2, 17, D)
+        expected = mlp.base_layer(h) + 0.1 * mlp.up(torch.relu(mlp.down(h)))
+        torch.testing.assert_close(mlp(h), expected, rtol=1e-5, atol=1e-6)
