@@ -79,6 +79,7 @@ SPECS: dict[str, Spec] = {
     "utuning": Spec(identity={}, small_vit=DEPTH * 2 * (2 * D * 8 + 8 + D), vit_b=12 * 2 * (2 * 768 * 8 + 8 + 768)),
     "snf": Spec(identity=None, small_vit=DEPTH * 2 * (2 * D + 16 * (2 * D + 1)), vit_b=24 * (2 * 768 + 16 * 1537)),
     "bapat": Spec(identity=dict(attn_init="zero_up"), small_vit=_bapat(D, DEPTH), vit_b=_bapat(768, 12)),
+    "e2vpt": Spec(identity=None, small_vit=DEPTH * (5 * D + 5 * D), vit_b=12 * (5 * 768 + 5 * 768)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -480,3 +481,33 @@ def test_bapat_shifts_keys_and_values_as_the_official_attention(slots: str) -> N
         h = torch.randn(2, 17, D)
         expected = mlp.base_layer(h) + 0.1 * mlp.up(torch.relu(mlp.down(h)))
         torch.testing.assert_close(mlp(h), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("share_kv", [True, False])
+def test_e2vpt_attention_over_key_value_prompts(share_kv: bool) -> None:
+    """Per head, attention over [P_k; K] and [P_v; V] (P_k = P_v when shared), as the code's changeVK attention."""
+    base, model = _apply("e2vpt", "vit", share_kv=share_kv, kv_tokens=3, visual_tokens=0)
+    _perturb_trainable(model)
+    bank, ref = model.vpeft_e2vpt, base.blocks[0].attn
+    x = torch.randn(2, 17, D)
+    h, hd = ref.num_heads, ref.head_dim
+    q, k, v = ref.qkv(x).reshape(2, 17, 3, h, hd).permute(2, 0, 3, 1, 4)
+    pk = bank.keys[0]
+    pv = pk if share_kv else bank.values[0]
+    k = torch.cat([pk.expand(2, -1, -1, -1), k], dim=2)
+    v = torch.cat([pv.expand(2, -1, -1, -1), v], dim=2)
+    weights = (q @ k.transpose(-1, -2) / hd**0.5).softmax(-1)
+    expected = ref.proj((weights @ v).transpose(1, 2).reshape(2, 17, D))
+    with torch.no_grad():
+        torch.testing.assert_close(model.blocks[0].attn(x), expected, rtol=1e-5, atol=1e-5)
+    assert vpeft.count_trainable(model, include_head=False) == DEPTH * 3 * D * (1 if share_kv else 2)
+
+
+def test_e2vpt_visual_prompts_sit_after_the_prefix_tokens() -> None:
+    _, model = _apply("e2vpt", "vit_reg_cls", visual_tokens=4)
+    seen = {}
+    model.blocks[1].base_layer.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
+    with torch.no_grad():
+        model(make_input())
+    prefix = vpeft.describe(make_backbone("vit_reg_cls")).num_prefix_tokens
+    torch.testing.assert_close(seen["in"][:, prefix : prefix + 4], model.blocks[1].prompt.expand(2, -1, -1))
