@@ -161,6 +161,40 @@ def test_lora_fused_function_matches_the_formula(slices, scaling: float, amp: bo
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2 if amp else 1e-5, atol=2e-2 if amp else 1e-5)
 
 
+@pytest.mark.parametrize("slices", [[(0, 16), (32, 48)], [(0, 48)]])
+def test_lora_with_dropout_matches_the_formula(slices) -> None:
+    """The dropout path (one up-projection with a zero-padded weight, its add fused) against the formula,
+    with the same dropout mask."""
+    from vpeft.methods.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 48).requires_grad_(False)
+    layer = LoRALinear(base, slices, 4, 0.5, 0.3).train()
+    for b in layer.lora_B:
+        torch.nn.init.normal_(b)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def seeded(fn):
+        def call(x):
+            torch.manual_seed(7)
+            return fn(x)
+
+        return call
+
+    def reference(x):
+        h, out = torch.nn.functional.dropout(x, 0.3), base(x)
+        for (start, end), a, b in zip(layer.slices, layer.lora_A, layer.lora_B, strict=True):
+            delta = torch.nn.functional.linear(torch.nn.functional.linear(h, a), b) * 0.5
+            out = out + torch.nn.functional.pad(delta, (start, 48 - end))
+        return out
+
+    params, weight = [*layer.lora_A, *layer.lora_B], torch.randn(3, 5, 48)
+    for g, w in zip(
+        _grads(seeded(layer), x, params, weight), _grads(seeded(reference), x, params, weight), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv", "layernorm"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_ssf_keeps_the_activation_dtype_under_autocast(kind: str, device: str) -> None:
