@@ -25,7 +25,9 @@ from vpeft.errors import (
     UnsupportedBackboneError,
     VPeftError,
 )
+from vpeft.interop import export_to_peft, import_from_peft
 from vpeft.methods import Method, MethodConfig, get_method, register
+from vpeft.multi import MultiAdapterModel
 
 __all__ = [
     "AdapterMismatchError",
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigError",
     "Method",
     "MethodConfig",
+    "MultiAdapterModel",
     "NotMergeableError",
     "UnknownMethodError",
     "UnsupportedBackboneError",
@@ -41,8 +44,10 @@ __all__ = [
     "count_parameters",
     "count_trainable",
     "describe",
+    "export_to_peft",
     "get_method",
     "get_state",
+    "import_from_peft",
     "list_methods",
     "load_adapter",
     "make_config",
