@@ -12,11 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vpeft
 from vpeft.errors import UnsupportedBackboneError
 
-from conftest import BACKBONES, NUM_CLASSES, make_backbone, make_input
+from conftest import BACKBONES, IMG, NUM_CLASSES, make_backbone, make_input
 
 METHODS = [m["name"] for m in vpeft.list_methods()]
 #: methods whose papers start from the unchanged model
-IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep", "prefix", "mona", "noah"}
+IDENTITY_AT_INIT = set(METHODS) - {"vpt_shallow", "vpt_deep", "prefix", "mona", "noah", "sct"}
+#: methods that read the training split before they are applied (GPS, SPT, SCT)
+STAGED = {m for m in METHODS if vpeft.get_method(m).stage is not None}
 #: which (method, backbone) pairs must refuse, beyond the method's declared families
 REFUSED = {("ln_tune", "resnet"), ("ln_tune", "efficientnet"), ("dora", "resnet"), ("dora", "efficientnet")}
 
@@ -31,9 +33,27 @@ def applies(method: str, backbone: str) -> bool:
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
 
 
+def stage_data(n: int = 10, seed: int = 5) -> torch.utils.data.TensorDataset:
+    """A small training split for the methods with a data stage: random images, every class present."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 3, IMG, IMG, generator=g), torch.arange(n) % NUM_CLASSES)
+
+
+_SELECTIONS: dict[tuple[str, str], dict] = {}
+
+
+def selection(method: str, backbone: str) -> dict:
+    """The selection a staged method makes on a backbone from :func:`stage_data`, computed once per pair."""
+    if (method, backbone) not in _SELECTIONS:
+        model = vpeft.apply(make_backbone(backbone), method, data=stage_data())
+        _SELECTIONS[method, backbone] = vpeft.get_state(model).config.selection
+    return _SELECTIONS[method, backbone]
+
+
 def _apply(method: str, backbone: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     base = make_backbone(backbone, seed)
-    model = vpeft.apply(copy.deepcopy(base), method)
+    options = {"selection": selection(method, backbone)} if method in STAGED else {}
+    model = vpeft.apply(copy.deepcopy(base), method, **options)
     return base, model.eval()
 
 
@@ -50,9 +70,9 @@ def test_apply_or_refuse(method: str, backbone: str) -> None:
     base = make_backbone(backbone)
     if not applies(method, backbone):
         with pytest.raises(UnsupportedBackboneError, match=method):
-            vpeft.apply(base, method)
+            vpeft.apply(base, method, data=stage_data() if method in STAGED else None)
         return
-    model = vpeft.apply(base, method)
+    model = vpeft.apply(base, method, data=stage_data() if method in STAGED else None)
     out = model(make_input())
     assert out.shape == (2, NUM_CLASSES)
     assert vpeft.count_trainable(model) > vpeft.count_trainable(model, include_head=False) or method == "full"
@@ -183,6 +203,20 @@ def test_vit_b16_known_published_counts() -> None:
     assert got == {"lora": 294_912, "adapter": 156_768, "adaptformer": 156_768, "bitfit": 102_912, "ssf": 205_824}
 
 
+def test_vit_b16_selection_counts() -> None:
+    """GPS (k=1) and SCT (K=96) on ViT-B/16; their counts do not depend on which entries the data selects."""
+    from vpeft.methods.gps import layout
+
+    model = _vit_b()
+    matrices, _ = layout(model, vpeft.describe(model))
+    first_column = {n: [r * m.weight[0].numel() for r in range(m.weight.shape[0])] for n, m in matrices.items()}
+    gps = vpeft.apply(model, "gps", selection=first_column)
+    rows = 768 + 12 * (3 * 768 + 768 + 3072 + 768)  # patch embedding, qkv, proj, fc1, fc2
+    assert vpeft.count_trainable(gps, include_head=False) == rows + rows == 167_424  # one entry per row + biases
+    sct = vpeft.apply(_vit_b(), "sct", selection={f"blocks.{i}": list(range(96)) for i in range(12)})
+    assert vpeft.count_trainable(sct, include_head=False) == 12 * (96 * 96 + 96) == 111_744
+
+
 def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix: int) -> dict:
     return {
         "lora": depth * 2 * 2 * d * 8,
@@ -208,13 +242,17 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         + 6 * d
         + d,
         "noah": depth * (10 * d + 2 * 2 * d * 8 + 2 * d * 8 + 8 + d),
+        # k=1 entry per row of patch embedding, qkv, proj, fc1, fc2, plus every bias
+        "gps": 2 * (d + depth * (3 * d + d + hidden + d)),
+        "sct": depth * (d * d + d),  # K = min(96, d)
         "partial_k": (4 * d * d + 3 * d + d + 2 * d * hidden + hidden + d + 4 * d) + 2 * d,
     }
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "full" and not m.startswith("spt")])
 def test_small_vit_closed_forms(method: str) -> None:
-    model = vpeft.apply(make_backbone("vit"), method)
+    """SPT's count depends on the data: tests/test_selection.py checks it against its selection."""
+    _, model = _apply(method, "vit")
     expected = _small_vit_closed_forms(d=48, depth=2, hidden=96, patch=8, prefix=1)[method]
     assert vpeft.count_trainable(model, include_head=False) == expected
 

@@ -146,6 +146,19 @@ def _run(folder, rank: int, lr: float, top1: float, epochs: int = 3) -> None:
     )
 
 
+def test_compare_absent_option_is_not_none(tmp_path) -> None:
+    from vpeft.report.compare import MISSING
+
+    _run(tmp_path / "a", rank=8, lr=1e-3, top1=70.0)
+    _run(tmp_path / "b", rank=8, lr=1e-3, top1=70.0)
+    record_b = json.loads((tmp_path / "b/result.json").read_text())
+    record_b["identity"]["options"] = {"rank": 8}  # another method's options: no alpha at all
+    (tmp_path / "b/result.json").write_text(json.dumps(record_b))
+    cmp = compare_runs(tmp_path / "a", tmp_path / "b")
+    assert cmp.differing == [("options.alpha", None, MISSING)]
+    assert re.search(r"\| options\.alpha \| None \| \(absent\) \|", format_comparison(cmp))
+
+
 def test_compare_lists_differing_options_metrics_and_curves(tmp_path, capsys) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     _run(a, rank=8, lr=1e-3, top1=70.0)

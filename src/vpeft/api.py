@@ -17,7 +17,14 @@ from torch import nn
 from vpeft import methods  # noqa: F401  (registers every method)
 from vpeft.anatomy import Anatomy, backbone_identity, describe
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
-from vpeft.methods.base import BaseLayerWrapper, MethodConfig, get_method, registered_methods, replace_module
+from vpeft.methods.base import (
+    BaseLayerWrapper,
+    MethodConfig,
+    StageData,
+    get_method,
+    registered_methods,
+    replace_module,
+)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -61,11 +68,16 @@ def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
     return get_method(method).config_class.from_options(**options)
 
 
-def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Module:
+def apply(model: nn.Module, method: str | MethodConfig, *, data: Any = None, **options: Any) -> nn.Module:
     """Freeze the backbone, inject the method, keep the classifier head trainable. Returns ``model``.
 
     ``method`` is a registered name (see :func:`list_methods`) with its options as keywords, or
     a method's config object. The model is changed in place.
+
+    A method with a data stage (GPS, SPT, SCT) first reads ``data``, the training split: a Dataset
+    of (model input, label) pairs, a DataLoader or a :class:`~vpeft.methods.base.StageData`. What
+    it decides is kept in the config (``get_state(model).config``) and saved with the adapter, so
+    :func:`load_adapter` needs no data.
     """
     if get_state(model) is not None:
         raise VPeftError(
@@ -77,6 +89,16 @@ def apply(model: nn.Module, method: str | MethodConfig, **options: Any) -> nn.Mo
     anatomy = describe(model)
     impl.check_backbone(anatomy)
     identity = backbone_identity(model, anatomy)
+    if impl.stage is not None and not impl.prepared(config):
+        if data is None:
+            raise ConfigError(
+                f"method '{impl.name}' chooses what to train from the training data ({impl.stage.description}): "
+                "pass data=<training Dataset of (input, label) pairs> to vpeft.apply, or a saved selection"
+            )
+        config = impl.prepare(model, anatomy, config, StageData.wrap(data, model))
+    elif data is not None:
+        what = "its config already holds the stage's decision" if impl.stage else "it reads no data"
+        raise ConfigError(f"method '{impl.name}' was given data, but {what}; drop data=")
     for param in model.parameters():
         param.requires_grad_(False)
     impl.inject(model, anatomy, config)
@@ -294,4 +316,3 @@ def list_methods() -> list[dict[str, Any]]:
         }
         for m in registered_methods()
     ]
-            "backbone_notes": dict(getattr(m, "backbone_notes", {})),

@@ -8,6 +8,7 @@ from vpeft.methods import (  # noqa: F401  (imported for registration)
     dora,
     fact,
     full,
+    gps,
     linear,
     ln_tune,
     lora,
@@ -17,6 +18,8 @@ from vpeft.methods import (  # noqa: F401  (imported for registration)
     partial_k,
     prefix,
     repadapter,
+    sct,
+    spt,
     ssf,
     vpt,
 )

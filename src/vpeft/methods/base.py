@@ -1,17 +1,28 @@
-"""The method registry, the config base class and the helpers every method shares.
+"""The method registry, the config base class, the method lifecycle and the helpers every method shares.
 
 A method is a :class:`Method` subclass in its own file, decorated with :func:`register`. It
 declares a :class:`MethodConfig` dataclass (every field carries ``help`` metadata), the backbone
 families it applies to, and implements :meth:`Method.inject`, which changes a model whose
 parameters are already all frozen.
+
+Lifecycle. A method may read data before it is injected (GPS's gradients, SPT's sensitivity,
+SCT's salient channels): it declares a :class:`Stage` as ``Method.stage`` and implements
+:meth:`Method.prepare`, which runs on the unchanged backbone and writes its decision into the
+config; :meth:`Method.inject` then builds from the config alone, so a saved adapter reloads
+without data. A stage that is a whole run and trains nothing (NOAH's search) is declared by
+:meth:`Method.standalone_stage` and run by :meth:`Method.run_standalone`. A stage reads one
+split, named by :attr:`Stage.split`: the run's training split, or the validation split for a
+search in tune mode. The test split cannot be named, so no stage can read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -71,6 +82,27 @@ class Method:
     #: whether one training run is the whole method (NOAH needs supernet -> search -> retrain runs)
     single_run: ClassVar[bool] = True
     config_class: ClassVar[type[MethodConfig]]
+    #: a stage that reads the training split before injection (see :meth:`prepare`); None for most methods
+    stage: ClassVar[Stage | None] = None
+
+    def prepared(self, config: MethodConfig) -> bool:
+        """Whether ``config`` already holds what :attr:`stage` decides (a loaded adapter's config does)."""
+        return True
+
+    def prepare(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig, data: StageData) -> MethodConfig:
+        """Run :attr:`stage` on the unchanged backbone; return ``config`` with its decision filled in.
+
+        Reads only ``data``; leaves the model's weights, modes and ``requires_grad`` flags as it found them.
+        """
+        raise NotImplementedError(f"method '{self.name}' has no data stage")
+
+    def standalone_stage(self, config: MethodConfig) -> Stage | None:
+        """A stage that is a whole run and trains nothing (NOAH's search), or None: the run trains."""
+        return None
+
+    def run_standalone(self, config: MethodConfig, context: StageContext) -> StageOutput:
+        """Run :meth:`standalone_stage` with the backbone and data the runner provides."""
+        raise NotImplementedError(f"method '{self.name}' has no standalone stage")
 
     def check_backbone(self, anatomy: Anatomy) -> None:
         if anatomy.family not in self.backbones:
@@ -118,6 +150,151 @@ def get_method(name: str) -> Method:
 
 def registered_methods() -> list[Method]:
     return list(_REGISTRY.values())
+
+
+# ---------------------------------------------------------------- stages: what a method may read before training
+
+#: the splits a stage can name: the run's training split, or (a search, in tune mode only) validation
+STAGE_SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of a method that reads data and trains nothing.
+
+    ``split`` is the only data it may read: ``"train"`` is the run's training split (``train`` in
+    tune mode, ``trainval`` in final mode); ``"val"`` is the validation split, for a search, and
+    only in tune mode. There is no way to name the test split.
+    """
+
+    name: str
+    split: str
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.split not in STAGE_SPLITS:
+            raise ValueError(f"a stage reads one of {STAGE_SPLITS}, not '{self.split}'")
+
+
+@dataclass
+class StageData:
+    """The one split a stage reads: a dataset of (model input, label) pairs and how to batch it."""
+
+    dataset: torch.utils.data.Dataset
+    #: the split's name in the task (train, trainval or val), recorded with the run
+    split: str = "train"
+    batch_size: int = 32
+    device: torch.device | str = "cpu"
+    #: seeds the order of shuffled batches and any augmentation of the stage
+    seed: int = 0
+
+    def batches(
+        self, batch_size: int | None = None, *, shuffle: bool = False, limit: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, labels) on the device; a seeded order when ``shuffle``; at most ``limit`` batches.
+
+        The loader draws from its own generator, never from the global random state.
+        """
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        for i, (x, y) in enumerate(loader):
+            if limit is not None and i >= limit:
+                return
+            yield x.to(self.device), torch.as_tensor(y).to(self.device)
+
+    @classmethod
+    def wrap(cls, data: Any, model: nn.Module) -> StageData:
+        """``data`` as stage data: a StageData, a Dataset of (input, label) pairs, or a DataLoader (its dataset)."""
+        if isinstance(data, StageData):
+            return data
+        if isinstance(data, torch.utils.data.DataLoader):
+            return cls(data.dataset, batch_size=data.batch_size or 32, device=_device_of(model))
+        if isinstance(data, torch.utils.data.Dataset):
+            return cls(data, device=_device_of(model))
+        raise ConfigError(
+            f"data must be a torch Dataset of (input, label) pairs, a DataLoader or a StageData, got {type(data).__name__}"
+        )
+
+
+def random_stage_data(model: nn.Module, num_classes: int, n: int = 8, seed: int = 0) -> StageData:
+    """Random inputs at the model's input size, labels 0, 1, ...: a stand-in training split for counting
+    parameters without data (GPS's and SCT's counts do not depend on the data; SPT's does)."""
+    from vpeft.data import input_config
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, *input_config(model).size, generator=g)
+    dataset = torch.utils.data.TensorDataset(x, torch.arange(n) % num_classes)
+    return StageData(dataset, batch_size=n, device=_device_of(model), seed=seed)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a standalone stage: how to build the run's backbone and read the stage's split."""
+
+    #: a fresh backbone with this many classes, built (and seeded) as the run builds its model
+    build_backbone: Callable[[int], nn.Module]
+    #: the stage's split, transformed for that model (its input size, mean and std)
+    data_for: Callable[[nn.Module], StageData]
+    seed: int = 0
+
+
+@dataclass
+class StageOutput:
+    """What a standalone stage found: fields of the run's record, and JSON files for the run folder."""
+
+    record: dict[str, Any]
+    files: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def stage_mode(model: nn.Module, grad_params: typing.Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Inside: evaluation mode (no dropout, drop-path or BatchNorm statistics updates), and only
+    ``grad_params`` require gradients. Afterwards the model's modes and flags are as they were."""
+    modes = {m: m.training for m in model.modules()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for p in grad_params}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    batches: typing.Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    square: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Sum over batches of the gradient (``square``: of its square) of ``loss_fn(inputs, labels)`` w.r.t. ``params``.
+
+    Runs in :func:`stage_mode`; the parameters' ``.grad`` fields are not touched.
+    """
+    names, tensors = list(params), list(params.values())
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in tensors]
+    with stage_mode(model, tensors):
+        for x, y in batches:
+            grads = torch.autograd.grad(loss_fn(x, y), tensors, allow_unused=True)
+            for acc, g in zip(total, grads, strict=True):
+                if g is not None:
+                    acc += g.float().square() if square else g.float()
+    return dict(zip(names, total, strict=True))
 
 
 # ---------------------------------------------------------------- helpers for methods
@@ -174,3 +351,57 @@ def match_pattern(names: typing.Iterable[str], pattern: str) -> list[str]:
     """Module names that fully match a regular expression."""
     regex = re.compile(pattern)
     return [n for n in names if regex.fullmatch(n)]
+
+
+class SparseUpdate(BaseLayerWrapper):
+    """A layer whose parameters train only at chosen entries: ``p + scatter(delta)`` (GPS; SPT's unstructured part).
+
+    ``entries`` maps a parameter name of the layer (``weight``, ``bias``) to flat indices into that
+    parameter; each index gets one trainable value, zero at first. The forward builds each updated
+    parameter once (one copy of it) and calls the layer with it, so any layer type works (Linear,
+    Conv2d, LayerNorm); merging adds the deltas in place. The indices are buffers outside the
+    state_dict: they come from the method's config.
+    """
+
+    def __init__(self, base_layer: nn.Module, entries: dict[str, torch.Tensor]):
+        super().__init__(base_layer)
+        self.names = sorted(entries)
+        self.delta = nn.ParameterDict()
+        for name in self.names:
+            param = getattr(base_layer, name)
+            index = torch.as_tensor(entries[name], dtype=torch.long, device=param.device)
+            if index.numel() and (index.min() < 0 or index.max() >= param.numel()):
+                raise ConfigError(f"sparse update: an index of '{name}' is outside its {param.numel()} entries")
+            self.register_buffer(f"index_{name}", index, persistent=False)
+            self.delta[name] = nn.Parameter(torch.zeros(index.numel(), dtype=param.dtype, device=param.device))
+
+    def index(self, name: str) -> torch.Tensor:
+        return getattr(self, f"index_{name}")
+
+    def updated(self, name: str) -> torch.Tensor:
+        """The parameter with its delta added at the chosen entries (a new tensor)."""
+        param = getattr(self.base_layer, name)
+        return param.flatten().index_add(0, self.index(name), self.delta[name].to(param.dtype)).view_as(param)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.names:
+            return self.base_layer(x, *args, **kwargs)
+        updated = {name: self.updated(name) for name in self.names}
+        return torch.func.functional_call(self.base_layer, updated, (x, *args), kwargs)
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        for name in self.names:
+            getattr(self.base_layer, name).view(-1).index_add_(0, self.index(name), self.delta[name])
+
+    @torch.no_grad()
+    def unmerge_from_base(self) -> None:
+        for name in self.names:
+            getattr(self.base_layer, name).view(-1).index_add_(0, self.index(name), -self.delta[name])
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, GroupNorm, BatchNorm and timm's norm layers (by class name)."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or (
+        "norm" in type(module).__name__.lower()
+    )

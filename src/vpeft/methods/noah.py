@@ -9,7 +9,8 @@ and VPT-deep prompts (tokens). Three stages:
    evaluation uses the largest sizes.
 2. ``search(model, val_set, budget)``: evolutionary search (mutation and crossover) over per-block
    sizes, each candidate scored by validation accuracy with the supernet's weights, under a budget
-   of trainable parameters without head. Test data is never used.
+   of trainable parameters without head. Test data is never used. In a run (``stage=search``) it
+   is the method's standalone stage: the runner hands it the validation split, in tune mode only.
 3. ``stage=retrain`` with ``architecture``: the chosen sizes, built at exactly those sizes and
    trained from scratch; the architecture is saved in the adapter config.
 
@@ -33,10 +34,21 @@ from torch import nn
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
-from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.methods.base import (
+    BaseLayerWrapper,
+    Method,
+    MethodConfig,
+    Stage,
+    StageContext,
+    StageOutput,
+    register,
+    replace_module,
+)
 
 MODULES = ("adapter", "lora", "prompt")
 STAGES = ("supernet", "search", "retrain")
+#: stage=search as a run of the protocol: reads the validation split (tune mode), trains nothing
+SEARCH = Stage("search", "val", "evolutionary search of per-block sizes on the validation split")
 
 
 @dataclass
@@ -176,6 +188,24 @@ class NOAH(Method):
     single_run = False
     config_class = NOAHConfig
 
+    def standalone_stage(self, config: NOAHConfig) -> Stage | None:
+        return SEARCH if config.stage == "search" else None
+
+    def run_standalone(self, config: NOAHConfig, context: StageContext) -> StageOutput:
+        """`vpeft train --method noah --mode tune --opt stage=search --opt supernet=DIR`: search on val."""
+        from vpeft.api import load_adapter, read_adapter_config
+
+        saved = read_adapter_config(config.supernet)
+        if saved["method"] != "noah" or saved["options"]["stage"] != "supernet":
+            raise ConfigError(f"noah: '{config.supernet}' does not hold a NOAH supernet adapter")
+        model = context.build_backbone(saved["backbone"]["num_classes"])
+        load_adapter(model, config.supernet)
+        data = context.data_for(model)
+        found = search(model.to(data.device), data.dataset, config.budget, seed=context.seed)
+        record = {"top1": found["val_top1"], "trainable_params": found["params"], "budget": config.budget,
+                  "supernet": config.supernet, "architecture": found["architecture"]}  # fmt: skip
+        return StageOutput(record=record, files={"architecture.json": found})
+
     def inject(self, model: nn.Module, anatomy: Anatomy, config: NOAHConfig) -> None:
         if config.stage == "search":
             raise ConfigError("noah: stage=search trains nothing; run it through `vpeft train` or noah.search()")
@@ -206,7 +236,9 @@ def evaluate_architecture(model: nn.Module, architecture: list[dict[str, int]], 
     set_architecture(model, architecture)
     model.eval()
     correct = seen = 0
+    device = next(model.parameters()).device
     for x, y in loader:
+        x, y = x.to(device), torch.as_tensor(y).to(device)
         correct += (model(x).argmax(-1) == y).sum().item()
         seen += len(y)
     return correct / max(1, seen)
@@ -277,36 +309,3 @@ def search(
     set_architecture(model, None)
     return {"architecture": best, "val_top1": 100 * score(best), "params": count_architecture(model, best),
             "budget": budget, "history": history, "evaluated": len(scored)}  # fmt: skip
-
-
-def search_run(spec, out: str | Path, progress: bool = False) -> dict[str, Any]:
-    """`vpeft train --method noah --opt stage=search --opt supernet=DIR`: search on val, write architecture.json."""
-    import time
-
-    import vpeft
-    from vpeft.backbones import create_backbone
-    from vpeft.data import ImageDataset, build_transform, input_config, load_task
-    from vpeft.train.run import RESULT, seed_everything, write_json_atomic
-
-    config = vpeft.make_config("noah", **spec.options)
-    saved = vpeft.read_adapter_config(config.supernet)
-    if saved["method"] != "noah" or saved["options"]["stage"] != "supernet":
-        raise ConfigError(f"noah: '{config.supernet}' does not hold a NOAH supernet adapter")
-    task = load_task(spec.data, spec.num_classes)
-    seed_everything(spec.train.seed)
-    model = create_backbone(spec.model, saved["backbone"]["num_classes"], pretrained=spec.pretrained,
-                            pretrained_file=spec.pretrained_file, **spec.model_args)  # fmt: skip
-    vpeft.load_adapter(model, config.supernet)
-    geometry, normalize = build_transform(input_config(model), spec.preset or "vtab", train=False)
-    val = ImageDataset(task.split("val"), geometry, normalize=normalize, read=task.read, cache=True)
-    started = time.time()
-    found = search(model, val, config.budget, seed=spec.train.seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "architecture.json", found)
-    record = {"status": "ok", "method": "noah", "stage": "search", "mode": "search", "eval_split": "val",
-              "task": task.name, "model": spec.model, "seed": spec.train.seed, "top1": found["val_top1"],
-              "trainable_params": found["params"], "budget": config.budget, "supernet": config.supernet,
-              "wall_seconds": time.time() - started, "architecture": found["architecture"]}  # fmt: skip
-    write_json_atomic(out / RESULT, record)
-    return record

@@ -25,6 +25,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("memory_estimate_mb", "est. MB", ".0f"),
     ("selected_epoch", "epoch evaluated", "d"),
 )
+#: stands for an option one run does not have (another method's option), as opposed to a None value
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 #: run facts that are not options but can explain a difference
 ENVIRONMENT = ("device", "world_size", "feature_cache", "git_commit", "versions")
 
@@ -52,7 +54,7 @@ class Comparison:
 
     a: Run
     b: Run
-    differing: list[tuple[str, Any, Any]] = field(default_factory=list)  # (option, value in a, value in b)
+    differing: list[tuple[str, Any, Any]] = field(default_factory=list)  # (option, value in a, in b) or MISSING
     same: list[tuple[str, Any]] = field(default_factory=list)
     environment: list[tuple[str, Any, Any]] = field(default_factory=list)  # facts that differ
     metrics: list[tuple[str, Any, Any]] = field(default_factory=list)  # (label, a, b)
@@ -102,14 +104,13 @@ def compare_runs(run_a: str | Path | Run, run_b: str | Path | Run) -> Comparison
     """Compare two run folders: which options differ, the options in common, and the metrics side by side."""
     a = run_a if isinstance(run_a, Run) else load_run(run_a)
     b = run_b if isinstance(run_b, Run) else load_run(run_b)
-    missing = object()
     cmp = Comparison(a, b)
     for key in sorted(set(a.options) | set(b.options)):
-        va, vb = a.options.get(key, missing), b.options.get(key, missing)
-        if va == vb:
+        va, vb = a.options.get(key, MISSING), b.options.get(key, MISSING)
+        if va is not MISSING and vb is not MISSING and va == vb:
             cmp.same.append((key, va))
         else:
-            cmp.differing.append((key, None if va is missing else va, None if vb is missing else vb))
+            cmp.differing.append((key, va, vb))
     for key in sorted(set(a.environment) | set(b.environment)):
         va, vb = a.environment.get(key), b.environment.get(key)
         if va != vb:
@@ -133,6 +134,10 @@ def _fmt(value: Any, spec: str = "") -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _option(value: Any) -> str:
+    return "(absent)" if value is MISSING else "None" if value is None else _fmt(value)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table, columns padded to their widest cell; ``(none)`` for no rows."""
     if not rows:
@@ -147,10 +152,10 @@ def format_comparison(cmp: Comparison, all_options: bool = False) -> str:
     a, b = cmp.a, cmp.b
     lines = [f"A: {a.name}  ({a.folder})", f"B: {b.name}  ({b.folder})", ""]
     lines += [f"## Options that differ ({len(cmp.differing)} of {len(cmp.differing) + len(cmp.same)})", ""]
-    lines += _table(["option", "A", "B"], [[k, _fmt(va), _fmt(vb)] for k, va, vb in cmp.differing])
+    lines += _table(["option", "A", "B"], [[k, _option(va), _option(vb)] for k, va, vb in cmp.differing])
     if all_options:
         lines += ["", "## Options in common", ""]
-        lines += _table(["option", "value"], [[k, _fmt(v)] for k, v in cmp.same])
+        lines += _table(["option", "value"], [[k, _option(v)] for k, v in cmp.same])
     if cmp.environment:
         lines += ["", "## Run environment that differs", ""]
         lines += _table(["fact", "A", "B"], [[k, _fmt(va), _fmt(vb)] for k, va, vb in cmp.environment])

@@ -132,7 +132,9 @@ def page_data(board: Leaderboard, ignored: dict[str, int] | None = None) -> dict
     if vtab:
         notes.append(f"Published columns: {PUBLISHED_PROTOCOL}; measured columns never select on test.")
     if ignored:
-        notes.append("Not in this table: " + "; ".join(f"{c} {why.get(k, k)}" for k, c in sorted(ignored.items())))
+        notes.append(
+            "Not in this table: " + "; ".join(f"{c} {why.get(k, k)}" for k, c in sorted(ignored.items())) + "."
+        )
     return {
         "title": f"V-PEFT Bench: {board.suite or 'results'} suite, {board.model}",
         "suite": board.suite,

@@ -9,6 +9,7 @@ Nothing is ever chosen on test data: test images are read once, after training e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from vpeft.backbones import create_backbone, file_digest
 from vpeft.config import coerce_fields, option
 from vpeft.data import DataError, ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
+from vpeft.methods.base import StageContext, StageData
 from vpeft.metrics import ppt
 from vpeft.train.feature_cache import plan_cached_prefix
 from vpeft.train.folders import (
@@ -51,6 +53,7 @@ from vpeft.train.trainer import (
     Trainer,
     TrainingDivergedError,
     distributed_from_env,
+    resolve_device,
 )
 
 MODES = ("tune", "final")
@@ -172,10 +175,10 @@ def _datasets(spec: RunSpec, task: Task, model: torch.nn.Module) -> tuple[ImageD
     return out[0], out[1]
 
 
-def build_model(spec: RunSpec, num_classes: int) -> torch.nn.Module:
-    """The backbone with the method applied; seeded so a run's initialisation is reproducible."""
+def build_backbone(spec: RunSpec, num_classes: int) -> torch.nn.Module:
+    """The run's backbone, seeded so a run's initialisation is reproducible."""
     seed_everything(spec.train.seed)
-    model = create_backbone(
+    return create_backbone(
         spec.model,
         num_classes,
         pretrained=spec.pretrained,
@@ -183,7 +186,96 @@ def build_model(spec: RunSpec, num_classes: int) -> torch.nn.Module:
         drop_path_rate=spec.train.drop_path,
         **spec.model_args,
     )
+
+
+def build_model(spec: RunSpec, num_classes: int) -> torch.nn.Module:
+    """The backbone with the method applied; seeded so a run's initialisation is reproducible.
+
+    A method whose stage must first read the training split (GPS, SPT, SCT) is only checked against
+    the backbone here; :func:`prepare_model` applies it once the run has its data.
+    """
+    model = build_backbone(spec, num_classes)
+    impl = vpeft.get_method(spec.method)
+    if needs_stage(spec):
+        impl.check_backbone(vpeft.describe(model))
+        return model
     return vpeft.apply(model, spec.method, **spec.options)
+
+
+def needs_stage(spec: RunSpec) -> bool:
+    """Whether the run's method must read the training split before it is applied."""
+    impl = vpeft.get_method(spec.method)
+    return impl.stage is not None and not impl.prepared(vpeft.make_config(spec.method, **spec.options))
+
+
+def _stage_split(split: str, mode: str, method: str, stage: str) -> str:
+    """The task split a stage reads: the run's training split, or validation (a search, tune mode only)."""
+    if split == "train":
+        return "train" if mode == "tune" else "trainval"
+    if mode != "tune":
+        raise ConfigError(
+            f"{method}: the {stage} stage reads the validation split, which a final run trains on; "
+            "run it with --mode tune"
+        )
+    return "val"
+
+
+def stage_data(
+    spec: RunSpec, task: Task, model: torch.nn.Module, split: str, train_set: ImageDataset | None = None
+) -> StageData:
+    """The one split a stage reads (never test), with the evaluation transform of the run's preset."""
+    preset = spec.preset or ("fgvc" if task.kind == "fgvc" else "vtab")
+    if train_set is not None and is_deterministic(preset, True):
+        dataset = train_set  # the training set itself: its transform is the evaluation one
+    else:
+        geometry, normalize = build_transform(input_config(model), preset, train=False)
+        dataset = ImageDataset(
+            task.split(split),
+            geometry,
+            normalize=normalize,
+            skip_bad_images=spec.skip_bad_images,
+            cache=spec.cache_images != "off",
+            read=task.read,
+        )
+    return StageData(
+        dataset, split=split, batch_size=spec.train.batch_size, device=resolve_device(spec.train.device),
+        seed=spec.train.seed,
+    )  # fmt: skip
+
+
+def prepare_model(spec: RunSpec, task: Task, model: torch.nn.Module, train_set: ImageDataset) -> dict[str, Any]:
+    """Run the method's stage on the training split, then apply the method; returns the record's stage fields."""
+    impl = vpeft.get_method(spec.method)
+    split = _stage_split(impl.stage.split, spec.mode, spec.method, impl.stage.name)
+    started = time.perf_counter()
+    data = stage_data(spec, task, model, split, train_set)
+    vpeft.apply(model.to(data.device), spec.method, data=data, **spec.options)
+    return {"stage": impl.stage.name, "stage_split": split, "stage_seconds": time.perf_counter() - started}
+
+
+def _run_standalone(spec: RunSpec, out: Path, config: vpeft.MethodConfig) -> dict[str, Any]:
+    """A stage that is a whole run (NOAH's search): it reads its one split, trains nothing, writes its files
+    and a record, through the method's interface."""
+    impl = vpeft.get_method(spec.method)
+    stage = impl.standalone_stage(config)
+    task = load_task(spec.data, spec.num_classes)
+    split = _stage_split(stage.split, spec.mode, spec.method, stage.name)
+    context = StageContext(
+        build_backbone=lambda num_classes: build_backbone(spec, num_classes),
+        data_for=lambda model: stage_data(spec, task, model, split),
+        seed=spec.train.seed,
+    )
+    started = time.time()
+    output = impl.run_standalone(config, context)
+    seconds = time.time() - started
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in output.files.items():
+        write_json_atomic(out / name, content)
+    record = {"status": "ok", "method": spec.method, "stage": stage.name, "mode": stage.name, "eval_split": split,
+              "task": task.name, "model": spec.model, "seed": spec.train.seed, "wall_seconds": seconds,
+              "stage_seconds": seconds, **output.record}  # fmt: skip
+    write_json_atomic(out / RESULT, record)
+    return record
 
 
 def run(
@@ -211,10 +303,8 @@ def run(
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: pass only one")
     config = vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
-    if spec.method == "noah" and config.stage == "search":  # NOAH's search stage trains nothing
-        from vpeft.methods.noah import search_run
-
-        return search_run(spec, out)
+    if vpeft.get_method(spec.method).standalone_stage(config) is not None:  # a stage that trains nothing
+        return _run_standalone(spec, out, config)
     task = load_task(spec.data, spec.num_classes)
     check_task_splits(task, spec.mode)
     identity = run_identity(spec, task, RECORD_VERSION)
@@ -312,6 +402,10 @@ def _train_and_record(
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> dict[str, Any]:
     train_set, eval_set = _datasets(spec, task, model)
+    started = time.time()
+    stage = {"stage_seconds": 0.0}
+    if vpeft.get_state(model) is None:  # the method reads the training split first (GPS, SPT, SCT)
+        stage = prepare_model(spec, task, model, train_set)
     trainer = Trainer(model, spec.train, work, progress=progress, on_epoch=on_epoch)
     main_process = trainer.dist.is_main
     if main_process:
@@ -320,7 +414,6 @@ def _train_and_record(
     base = {**_record_base(spec, task, model), "run_key": key, "identity": identity}
     if spec.train.device == "auto" and trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    started = time.time()
     fit_set: torch.utils.data.Dataset = train_set
     plan = None
     if spec.feature_cache == "auto" and train_set.cached and trainer.dist.world == 1 and not spec.train.compile:
@@ -351,6 +444,7 @@ def _train_and_record(
         "ppt": ppt(accuracy, base["trainable_params"]),
         "train_seconds": trainer.train_seconds,
         "compile_seconds": trainer.compile_seconds,
+        **stage,
         "wall_seconds": time.time() - started,
         "images_per_s": trainer.images_seen / max(trainer.train_seconds, 1e-9),
         "peak_memory_mb": memory,
@@ -386,7 +480,7 @@ def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str,
     return {
         "record_version": RECORD_VERSION,
         "method": spec.method,
-        "options": state.config.to_dict(),
+        "options": _record_options(state.config.to_dict()),
         "model": spec.model,
         "architecture": state.identity["architecture"],
         "weights": weights,
@@ -412,6 +506,14 @@ def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str,
         "git_commit": git_commit(),
         "host": platform.node(),
     }
+
+
+def _record_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options for the record: a stage's selection (long lists, kept in adapter_config.json) as its digest."""
+    if options.get("selection") is None:
+        return options
+    text = json.dumps(options["selection"], sort_keys=True)
+    return {**options, "selection": f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"}
 
 
 def evaluate_adapter(
