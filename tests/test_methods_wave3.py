@@ -511,3 +511,12 @@ def test_e2vpt_visual_prompts_sit_after_the_prefix_tokens() -> None:
         model(make_input())
     prefix = vpeft.describe(make_backbone("vit_reg_cls")).num_prefix_tokens
     torch.testing.assert_close(seen["in"][:, prefix : prefix + 4], model.blocks[1].prompt.expand(2, -1, -1))
+
+
+def test_snf_planar_chain_gradients() -> None:
+    from vpeft.methods.snf import PlanarChain
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    coupling = torch.randn(5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(PlanarChain.apply, (pre, coupling))

@@ -12,7 +12,9 @@ Speed: the K planar steps are computed in closed form on the narrow (tokens x K)
 with a = z0 W^T + b and G = W U^T, step k is t_k = tanh(a_k + sum_{j<k} G_kj t_j) and
 f(x) = z0 + T U. The full-width tensor is read once (one matmul) and written once (the add
 into the sub-block's output, fused into an ``addmm`` with mu riding on a ones column), instead
-of K full-width passes; the sequential part is K steps on (tokens x K) tensors.
+of K full-width passes; the sequential part is K steps on (tokens x K) tensors, two kernels each way
+per step (:class:`PlanarChain`). Those 4K small kernels per shortcut remain: on a GPU, SNF with
+K = 16 is launch-bound.
 
 Not mergeable: the affine part scales the identity shortcut, which has no weight to fold into.
 """
@@ -45,6 +47,43 @@ class SNFConfig(MethodConfig):
             raise ConfigError(f"snf: init_bound must be >= 0, got {self.init_bound}")
 
 
+class PlanarChain(torch.autograd.Function):
+    """T[:, k] = tanh(pre[:, k] + sum_{j<k} G[k, j] T[:, j]) for k = 0..K-1, on narrow (tokens x K) tensors.
+
+    Two kernels per step forward (the tanh, then one rank-1 update of every later pre-activation) and
+    two backward (ds_k = (dT_k + sum_{j>k} ds_j G[j, k]) (1 - t_k^2)),
+    instead of autograd's record of every step; bfloat16 inputs are computed in float32."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
+        ctx.dtypes = (pre.dtype, coupling.dtype)
+        with torch.autocast(pre.device.type, enabled=False):
+            dtype = torch.promote_types(pre.dtype, torch.float32)  # bfloat16 -> float32; float64 stays
+            s, g = pre.to(dtype, copy=True), coupling.to(dtype)
+            t = torch.empty_like(s)
+            k_steps = s.shape[1]
+            for k in range(k_steps):
+                torch.tanh(s[:, k], out=t[:, k])
+                if k + 1 < k_steps:
+                    s[:, k + 1 :].addr_(t[:, k], g[k + 1 :, k])
+        ctx.save_for_backward(t, g)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, g = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.to(t.dtype)
+            slope = torch.addcmul(torch.ones_like(t), t, t, value=-1.0)  # 1 - t^2
+            ds = torch.empty_like(t)
+            k_steps = t.shape[1]
+            for k in reversed(range(k_steps)):
+                total = grad[:, k] if k + 1 == k_steps else torch.addmv(grad[:, k], ds[:, k + 1 :], g[k + 1 :, k])
+                torch.mul(total, slope[:, k], out=ds[:, k])
+            grad_coupling = torch.tril(ds.t() @ t, diagonal=-1)  # G[j, k] acts only for j > k
+        return ds.to(ctx.dtypes[0]), grad_coupling.to(ctx.dtypes[1])
+
+
 class ShortcutFlow(nn.Module):
     """f(x) = planar_K(... planar_1(mu + exp(log_sigma) * x)), added to a sub-block's output."""
 
@@ -68,14 +107,8 @@ class ShortcutFlow(nn.Module):
             return (out + self.mu).view(branch.shape)
         # pre-activations of every step on z0 = mu + sigma * x: a = x (W sigma)^T + (W mu + b)
         pre = torch.addmm(torch.addmv(self.bias, self.weight, self.mu), flat, (self.weight * sigma).t())
-        coupling = self.weight @ self.scale.t()  # G[j, k] = w_j . u_k
-        steps = []
-        for k in range(pre.shape[1]):
-            t = torch.tanh(pre[:, k])
-            steps.append(t)
-            if k + 1 < pre.shape[1]:
-                pre = torch.addr(pre, t, coupling[:, k].to(t.dtype))  # later steps see u_k t_k
-        t = F.pad(torch.stack(steps, dim=1), (0, 1), value=1.0)  # the ones column carries mu
+        t = PlanarChain.apply(pre, self.weight @ self.scale.t())  # (tokens, K): every tanh(.) of the chain
+        t = F.pad(t, (0, 1), value=1.0)  # the ones column carries mu
         flows = torch.cat([self.scale, self.mu[None]], dim=0)
         return torch.addmm(out, t, flows).view(branch.shape)
 
