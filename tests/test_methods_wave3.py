@@ -20,8 +20,8 @@ from vpeft.errors import UnsupportedBackboneError
 
 from conftest import BACKBONES, NUM_CLASSES, make_backbone, make_input
 
-#: the small test ViT of conftest: width, depth, MLP width, patches, prefix (class) tokens
-D, DEPTH, HIDDEN, PATCHES = 48, 2, 96, 16
+#: the small test ViT of conftest: width, depth, MLP width
+D, DEPTH, HIDDEN = 48, 2, 96
 
 
 @dataclass
@@ -108,6 +108,7 @@ def test_every_method_is_registered_with_family_and_paper() -> None:
     for name in METHODS:
         assert name in listed
         assert listed[name]["family"] and listed[name]["paper"] and listed[name]["options"]
+        assert "vit" in listed[name]["backbones"] and vpeft.get_method(name).single_run  # in `bench --methods all`
 
 
 @pytest.mark.parametrize("method,backbone", CASES)
