@@ -2,13 +2,19 @@
 
 from vpeft.methods import (  # noqa: F401  (imported for registration)
     adapter,
+    adapter_plus,
     adaptformer,
+    bapat,
     bitfit,
     convpass,
     dora,
+    dtl,
+    e2vpt,
     fact,
     full,
+    glora,
     gps,
+    hydra,
     linear,
     ln_tune,
     lora,
@@ -18,9 +24,12 @@ from vpeft.methods import (  # noqa: F401  (imported for registration)
     partial_k,
     prefix,
     repadapter,
+    snf,
     sct,
     spt,
     ssf,
+    utuning,
+    vfpt,
     vpt,
 )
 from vpeft.methods.base import Method, MethodConfig, get_method, register, registered_methods
