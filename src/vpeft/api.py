@@ -311,6 +311,7 @@ def list_methods() -> list[dict[str, Any]]:
             "family": m.family,
             "paper": m.paper,
             "backbones": list(m.backbones),
+            "backbone_notes": dict(getattr(m, "backbone_notes", {})),
             "mergeable": m.mergeable,
             "options": m.config_class.option_help(),
         }
