@@ -82,6 +82,7 @@ def test_cli_train_lora_beats_chance(vtab_task, tmp_path, capsys) -> None:
     for key in ("lr", "wd", "seed", "epochs", "peak_memory_mb", "train_seconds", "images_per_s", "versions", "weights"):
         assert key in record
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "adapter.safetensors",
         "adapter_config.json",
         "config.yaml",

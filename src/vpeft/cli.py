@@ -49,6 +49,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
     rows = []
     for m in vpeft.list_methods():
         model = copy.deepcopy(base)
+        if vpeft.get_method(m["name"]).stage is not None:  # GPS, SPT, SCT: chosen from the training data
+            rows.append([m["name"], "-", "-", "-", "chosen from training data: see the README's count table"])
+            continue
         try:
             vpeft.apply(model, m["name"])
         except vpeft.UnsupportedBackboneError as exc:
