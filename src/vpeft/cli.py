@@ -49,16 +49,21 @@ def _cmd_params(args: argparse.Namespace) -> int:
     rows = []
     for m in vpeft.list_methods():
         model = copy.deepcopy(base)
-        if vpeft.get_method(m["name"]).stage is not None:  # GPS, SPT, SCT: chosen from the training data
-            rows.append([m["name"], "-", "-", "-", "chosen from training data: see the README's count table"])
-            continue
+        note, data = "", None
+        if vpeft.get_method(m["name"]).stage is not None:  # GPS, SPT, SCT choose from training data
+            from vpeft.methods.base import random_stage_data
+
+            data = random_stage_data(model, args.num_classes)
+            note = "selected on random stand-in data" + (
+                " (SPT's count depends on the data)" if "spt" in m["name"] else ""
+            )
         try:
-            vpeft.apply(model, m["name"])
+            vpeft.apply(model, m["name"], **({"data": data} if data is not None else {}))
         except vpeft.UnsupportedBackboneError as exc:
             rows.append([m["name"], "-", "-", "-", f"n/a: {str(exc).split(';')[0]}"])
             continue
         without = vpeft.count_trainable(model, include_head=False)
-        rows.append([m["name"], f"{without:,}", f"{without / 1e6:.3f}", f"{100 * without / total:.3f}%", ""])
+        rows.append([m["name"], f"{without:,}", f"{without / 1e6:.3f}", f"{100 * without / total:.3f}%", note])
     print(f"trainable parameters on {args.model} (random init, num_classes={args.num_classes}), head excluded")
     print(format_table(rows, ["method", "trainable", "M", "of backbone", "note"]))
     return 0
