@@ -55,7 +55,9 @@ def test_ray_sweep_matches_local(suite, tmp_path) -> None:
 
 def test_killed_worker_fails_only_its_run(suite, tmp_path) -> None:
     plan = _plan(suite, tmp_path / "out", ["linear", "full"])
-    victim = tmp_path / "out/runs/full/t1/seed0/worker.pid"
+    victim_job = next(j for j in plan.final_jobs() if (j.method, j.task) == ("full", "t1"))
+    victim = victim_job.run_dir / "worker.pid"
+    victim_key = victim_job.run_dir.relative_to(tmp_path / "out").as_posix()
     killed = {}
 
     def kill_when_started() -> None:
@@ -77,8 +79,8 @@ def test_killed_worker_fails_only_its_run(suite, tmp_path) -> None:
     assert killed, "the victim run never started"
     assert counts == {"total": 4, "skipped": 0, "done": 3, "failed": 1}
     records = _records(tmp_path / "out")
-    assert records["runs/full/t1/seed0"]["status"] == "failed"
-    assert "Ray task failed" in records["runs/full/t1/seed0"]["error"]
-    assert all(r["status"] == "ok" for k, r in records.items() if k != "runs/full/t1/seed0")
+    assert records[victim_key]["status"] == "failed"
+    assert "Ray task failed" in records[victim_key]["error"]
+    assert all(r["status"] == "ok" for k, r in records.items() if k != victim_key)
     counts = run_jobs(plan.final_jobs(), executor=ray_executor(), log=lambda _: None)
     assert counts == {"total": 4, "skipped": 3, "done": 1, "failed": 0}
