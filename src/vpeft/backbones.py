@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -160,11 +159,3 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
             f"'{path}' does not fit {anatomy.architecture}: {len(missing)} backbone tensors missing, "
             f"e.g. {missing[:3]}; check the model name matches the weights"
         )
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

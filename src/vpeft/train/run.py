@@ -27,7 +27,7 @@ import torch
 import yaml
 
 import vpeft
-from vpeft.backbones import create_backbone, file_digest
+from vpeft.backbones import create_backbone
 from vpeft.config import coerce_fields, option
 from vpeft.data import DataError, ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
@@ -44,7 +44,7 @@ from vpeft.train.folders import (
     remove_stale_temporaries,
     staging_dir,
 )
-from vpeft.train.identity import identity_diff, run_identity, run_key
+from vpeft.train.identity import file_sha256, identity_diff, run_identity, run_key
 from vpeft.train.memory import KIND as MEMORY_ESTIMATE_KIND
 from vpeft.train.trainer import (
     CHECKPOINT,
@@ -474,7 +474,7 @@ def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str,
     weights = {"pretrained": spec.pretrained, "digest": state.identity["weights"]}
     if spec.pretrained_file:
         weights["file"] = spec.pretrained_file
-        weights["file_sha256"] = file_digest(spec.pretrained_file)
+        weights["file_sha256"] = (file_sha256(spec.pretrained_file) or "")[:16]  # hashed once, for the run key
     import timm
 
     return {
