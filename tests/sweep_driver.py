@@ -1,9 +1,10 @@
 """A sweep in its own process, for the kill, concurrency and worker tests.
 
-    python sweep_driver.py TASKS_ROOT OUT TRACE [JOBS]
+    python sweep_driver.py TASKS_ROOT OUT TRACE [JOBS [BARRIER_DIR PARTIES]]
 
 Runs linear and bitfit x the tasks under TASKS_ROOT x seeds 0, 1 on a tiny random ViT, one torch
-thread. Each run that really trains appends "<run folder> <pid>" to TRACE.
+thread. Each run that really trains appends "<run folder> <pid>" to TRACE. With BARRIER_DIR, the sweep
+starts only once PARTIES drivers have finished their imports (so concurrent sweeps really overlap).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +33,17 @@ def plan(tasks_root: Path, out: Path) -> SweepPlan:
                      model_args=TINY_VIT)  # fmt: skip
 
 
+def wait_for_parties(barrier: Path, parties: int, timeout: float = 240.0) -> None:
+    """Announce this process under BARRIER and wait until PARTIES processes have announced themselves."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(barrier.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"barrier {barrier}: fewer than {parties} drivers arrived in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
 def main() -> None:
     tasks_root, out, trace = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     jobs_in_parallel = int(sys.argv[4]) if len(sys.argv) > 4 else 1
@@ -43,6 +56,8 @@ def main() -> None:
         return real(spec, task, model, identity, key, out_dir, work, **kw)
 
     run_mod._train_and_record = traced
+    if len(sys.argv) > 6:
+        wait_for_parties(Path(sys.argv[5]), int(sys.argv[6]))
     p = plan(tasks_root, out)
     jobs = p.final_jobs()
     write_manifest(p, jobs)

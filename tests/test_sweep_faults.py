@@ -35,9 +35,12 @@ def tasks(tmp_path_factory) -> Path:
     return root
 
 
-def _start(tasks: Path, out: Path, trace: Path, jobs: int = 1) -> subprocess.Popen:
+def _start(tasks: Path, out: Path, trace: Path, jobs: int = 1, barrier: tuple[Path, int] | None = None
+           ) -> subprocess.Popen:  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(DRIVER.parent), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(DRIVER), str(tasks), str(out), str(trace), str(jobs)]
+    if barrier is not None:
+        cmd += [str(barrier[0]), str(barrier[1])]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -89,7 +92,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tasks, tmp_path)
 
 def test_two_sweeps_on_one_folder_train_each_run_once(tasks, tmp_path) -> None:
     out, trace = tmp_path / "shared", tmp_path / "shared.trace"
-    a, b = _start(tasks, out, trace), _start(tasks, out, trace)
+    barrier = (tmp_path / "barrier", 2)  # both sweeps start together, whatever their import times
+    a, b = _start(tasks, out, trace, barrier=barrier), _start(tasks, out, trace, barrier=barrier)
     outputs = _finish(a) + _finish(b)
     trained = [line.split()[0] for line in trace.read_text().splitlines()]
     assert len(trained) == EXPECTED_RUNS and len(set(trained)) == EXPECTED_RUNS, trained
