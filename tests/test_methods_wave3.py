@@ -8,6 +8,7 @@ ViT-B/16, and, for side methods, the blocks that must build no autograd graph.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch
 import vpeft
 from vpeft.errors import UnsupportedBackboneError
 
-from conftest import BACKBONES, NUM_CLASSES, make_backbone, make_input
+from conftest import BACKBONES, IMG, NUM_CLASSES, make_backbone, make_input
 
 #: the small test ViT of conftest: width, depth, MLP width
 D, DEPTH, HIDDEN = 48, 2, 96
@@ -36,6 +37,8 @@ class Spec:
     frozen_blocks: tuple[int, ...] = ()
     #: options used by every generic test (e.g. to switch off a training-only randomness)
     options: dict = field(default_factory=dict)
+    #: input width of the classifier head (HST's head reads its side network's last stage, 72 wide)
+    head_in: int = 768
 
 
 def _adapter_plus(d: int, depth: int, r: int = 8) -> int:
@@ -67,6 +70,23 @@ def _bapat(d: int, depth: int, mid: int = 128, ffn: int = 64) -> int:
     return depth * ((d * mid + mid + mid * 2 * d + 2 * d) + (d * ffn + ffn + ffn * d + d))
 
 
+def _hst(d: int, read: int, vit_depth: int, dims=(32, 48, 64, 72), depths=(3, 3, 3, 3)) -> int:
+    """HST on a ViT of width d and depth vit_depth whose side network reads ``read`` of its blocks."""
+    m_blocks = sum(
+        k * (12 * c * c + 13 * c) for c, k in zip(dims, depths, strict=True)
+    )  # LN, q, k, v, proj, LN, MLP x4
+    stem = 9 * 3 * dims[0] + 2 * dims[0] + 4 * dims[0] * dims[0] + dims[0] + 2 * dims[0]  # conv, BN, conv, LN
+    downs = sum(9 * a * b + b + 2 * b for a, b in itertools.pairwise(dims))  # 3x3 conv + LN
+    stage_norms = 2 * sum(dims)
+    bridges = sum((d + 1) * c for c in dims)
+    meta_norms = sum(k * 2 * c for c, k in zip(dims, depths, strict=True))
+    return m_blocks + stem + downs + stage_norms + bridges + meta_norms + read * d + vit_depth * 4 * d
+
+
+def _last(d: int, depth: int, r: int = 16) -> int:
+    return depth * (2 * d + (d * 3 * r + 3 * r) + (r * d + d))  # LN, fused q/k/v, output projection
+
+
 SPECS: dict[str, Spec] = {
     "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
     "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
@@ -80,6 +100,11 @@ SPECS: dict[str, Spec] = {
     "snf": Spec(identity=None, small_vit=DEPTH * 2 * (2 * D + 16 * (2 * D + 1)), vit_b=24 * (2 * 768 + 16 * 1537)),
     "bapat": Spec(identity=dict(attn_init="zero_up"), small_vit=_bapat(D, DEPTH), vit_b=_bapat(768, 12)),
     "e2vpt": Spec(identity=None, small_vit=DEPTH * (5 * D + 5 * D), vit_b=12 * (5 * 768 + 5 * 768)),
+    # HST replaces the model's output (its head reads the side network): no identity at init. Gradients
+    # flow through every block (the meta tokens enter each), so no block is graph-free.
+    "hst": Spec(identity=None, small_vit=_hst(D, DEPTH, DEPTH), vit_b=_hst(768, 12, 12), head_in=72),
+    # LAST: the paper gives no init; ours (zero output projections) starts from the backbone, tested below
+    "last": Spec(identity=None, small_vit=_last(D, DEPTH), vit_b=_last(768, 12), frozen_blocks=(0, 1)),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -162,7 +187,10 @@ def test_save_load_round_trip(method: str, backbone: str, tmp_path) -> None:
     vpeft.save_adapter(model, tmp_path)
     from safetensors.torch import load_file
 
-    assert set(load_file(str(tmp_path / "adapter.safetensors"))) == set(vpeft.trainable_parameters(model))
+    buffers = vpeft.get_method(method).saved_buffers(model)
+    assert set(load_file(str(tmp_path / "adapter.safetensors"))) == set(vpeft.trainable_parameters(model)) | set(
+        buffers
+    )
     fresh = vpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
     x = make_input()
     with torch.no_grad():
@@ -217,7 +245,7 @@ def vit_b() -> torch.nn.Module:
 def test_vit_b16_count(method: str, vit_b: torch.nn.Module) -> None:
     model = vpeft.apply(copy.deepcopy(vit_b), method)
     assert vpeft.count_trainable(model, include_head=False) == SPECS[method].vit_b
-    assert vpeft.count_trainable(model) == SPECS[method].vit_b + 768 * 100 + 100
+    assert vpeft.count_trainable(model) == SPECS[method].vit_b + SPECS[method].head_in * 100 + 100
 
 
 # ---------------------------------------------------------------- side methods: no graph in the frozen part
@@ -521,3 +549,154 @@ def test_snf_planar_chain_gradients() -> None:
     pre = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
     coupling = torch.randn(5, 5, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(PlanarChain.apply, (pre, coupling))
+
+
+# ---------------------------------------------------------------- HST and LAST
+
+
+def _four_block_vit() -> torch.nn.Module:
+    base = make_backbone("vit")
+    base.blocks = torch.nn.Sequential(*[copy.deepcopy(base.blocks[0]) for _ in range(4)])
+    return base
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention written out: q [B, N, C], k and v [B, M, C], ``heads`` heads."""
+    b, n, c = q.shape
+    q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
+    weights = (q @ k.transpose(-1, -2) * (c // heads) ** -0.5).softmax(-1)
+    return (weights @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def _hst_reference(model: torch.nn.Module, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HST in the official order (vit_hsn.forward_features): resize the 768-wide features, then bridge."""
+    side = model.vpeft_hst
+    b, g = x.shape[0], IMG // 8
+    h = base._pos_embed(base.patch_embed(x))
+    metas, feats = [], []
+    for i, wrapped in enumerate(model.blocks):
+        h = wrapped.base_layer(torch.cat([side.meta_for(i).expand(b, -1, -1), h], dim=1))
+        metas.append(h[:, :1])
+        feats.append(h[:, 2:].transpose(1, 2).reshape(b, D, g, g))
+        h = h[:, 1:]
+    xm, k = x, 0
+    for s in range(4):
+        xm, hh, ww = side.embeds[s](xm)
+        bridge = side.bridges[s]
+        for blk in side.stages[s]:
+            f = torch.nn.functional.interpolate(feats[side.reads[k]], size=(hh, ww), mode="bilinear")
+            f = bridge(f.flatten(2).transpose(1, 2))
+            keys = torch.cat([side.meta_norms[k](bridge(metas[side.reads[k]])), f.mean(1, keepdim=True)], dim=1)
+            kk, vv = blk.kv(keys).chunk(2, dim=-1)
+            xm = xm + blk.proj(_attention(blk.q(blk.norm1(xm)), kk, vv, blk.heads))
+            xm = xm + f
+            xm = xm + blk.fc2(torch.nn.functional.gelu(blk.fc1(blk.norm2(xm))))
+            k += 1
+        xm = side.norms[s](xm)
+        if s < 3:
+            xm = xm.reshape(b, hh, ww, -1).permute(0, 3, 1, 2)
+    return model.head(side.head_norm(xm.mean(1)))
+
+
+def test_hst_matches_the_official_forward() -> None:
+    base = _four_block_vit()
+    model = vpeft.apply(copy.deepcopy(base), "hst", depths=[1, 1, 1, 1]).eval()
+    _perturb_trainable(model)
+    assert model.vpeft_hst.reads == [0, 1, 2, 3]
+    x = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _hst_reference(model, base, x), rtol=1e-4, atol=1e-5)
+
+
+def test_hst_trains_the_block_norms_and_not_the_unused_backbone_parts() -> None:
+    _, model = _apply("hst", "vit_reg_avg")
+    trainable = vpeft.trainable_parameters(model, include_head=False)
+    norms = {n for n in trainable if n.startswith("blocks.")}
+    assert norms == {
+        f"blocks.{i}.base_layer.norm{j}.{w}" for i in range(DEPTH) for j in (1, 2) for w in ("weight", "bias")
+    }
+    assert not any(n.startswith(("norm.", "fc_norm.", "patch_embed.")) for n in trainable)
+    assert vpeft.describe(make_backbone("vit")).heads == ["head"] and model.head.in_features == 72
+
+
+def test_hst_side_blocks_read_every_block_of_other_depths() -> None:
+    from vpeft.methods.hst import HierarchicalSideNetwork, HSTConfig
+
+    like = torch.zeros(1)
+    deep = HierarchicalSideNetwork(D, 24, 1, HSTConfig(), like=like)
+    assert deep.reads == list(range(1, 24, 2)) and deep.meta.shape == (12, 1, D)
+    shallow = HierarchicalSideNetwork(D, 2, 1, HSTConfig(), like=like)
+    assert shallow.reads == [0] * 6 + [1] * 6 and shallow.meta.shape == (2, 1, D)
+
+
+def test_hst_meta_tokens_are_xavier_uniform() -> None:
+    _, model = _apply("hst", "vit")
+    bound = math.sqrt(6 / (2 * D))  # fan_in = fan_out = D for each (1, 1, D) token, as the official init
+    meta = model.vpeft_hst.meta
+    assert meta.abs().max() <= bound and meta.abs().max() > 0.8 * bound
+
+
+def test_hst_batchnorm_statistics_are_saved_with_the_adapter(tmp_path) -> None:
+    base, model = _apply("hst", "vit")
+    model.train()
+    with torch.no_grad():
+        model(make_input(4, seed=5))
+    model.eval()
+    stats = model.vpeft_hst.head_norm.running_var
+    assert not torch.equal(stats, torch.ones_like(stats))  # training moved them
+    vpeft.save_adapter(model, tmp_path)
+    fresh = vpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    x = make_input()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_hst_multiscale_features_are_a_stride_4_to_32_pyramid() -> None:
+    _, model = _apply("hst", "vit")
+    maps = model.vpeft_hst.multiscale_features(make_input())
+    assert [tuple(m.shape) for m in maps] == [
+        (2, c, IMG // s, IMG // s) for c, s in zip((32, 48, 64, 72), (4, 8, 16, 32), strict=True)
+    ]
+    assert model.vpeft_hst.records.maps == [] and not model.vpeft_hst.records.keep_maps
+    assert model(make_input()).shape == (2, NUM_CLASSES)  # the classifier still works afterwards
+
+
+def test_hst_refuses_bad_stage_options() -> None:
+    with pytest.raises(vpeft.ConfigError, match="divisible"):
+        vpeft.apply(make_backbone("vit"), "hst", dims=[32, 48, 64, 70])
+    with pytest.raises(vpeft.ConfigError, match="one entry per stage"):
+        vpeft.apply(make_backbone("vit"), "hst", depths=[3, 3])
+
+
+def _last_reference(model: torch.nn.Module, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """v_m = u_m - sum_{i<m} z_i, z_m = LSA_m(v_m); the head reads v_L = u_L - sum z."""
+    h = base._pos_embed(base.patch_embed(x))
+    total = torch.zeros_like(h)
+    for lsa, block in zip(model.vpeft_last.blocks, base.blocks, strict=True):
+        q, k, v = lsa.qkv(lsa.norm(h - total)).chunk(3, dim=-1)
+        total = total + lsa.out(_attention(q, k, v, lsa.heads))
+        h = block(h)
+    return model.forward_head(model.norm(h - total))
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_last_matches_the_paper_formula(heads: int) -> None:
+    base = _four_block_vit()
+    model = vpeft.apply(copy.deepcopy(base), "last", heads=heads).eval()
+    _perturb_trainable(model)
+    x = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _last_reference(model, base, x), rtol=1e-4, atol=1e-5)
+
+
+def test_last_zero_output_projections_start_from_the_backbone() -> None:
+    """Our init (the paper states none): zero output projections, so step 0 is the backbone."""
+    base, model = _apply("last", "vit")
+    x = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
+
+
+def test_last_refuses_a_rank_the_heads_do_not_divide() -> None:
+    with pytest.raises(vpeft.ConfigError, match="divisible by heads"):
+        vpeft.apply(make_backbone("vit"), "last", rank=10, heads=4)

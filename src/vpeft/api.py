@@ -157,6 +157,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous().cpu() for name, p in trainable_parameters(model).items()}
+    tensors.update(
+        {name: b.detach().contiguous().cpu() for name, b in get_method(state.method).saved_buffers(model).items()}
+    )
     _atomic_write(out / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"method": state.method}))
     text = json.dumps(_json_config(state), indent=2, sort_keys=True)
     _atomic_write(out / ADAPTER_CONFIG, lambda path: Path(path).write_text(text + "\n"))
@@ -237,7 +240,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         raise AdapterMismatchError(
             f"{weights_path} is damaged or not a safetensors file ({exc}); save or copy the adapter again"
         ) from None
-    wanted = trainable_parameters(model)
+    wanted: dict[str, torch.Tensor] = {
+        **trainable_parameters(model),
+        **get_method(saved["method"]).saved_buffers(model),
+    }
     missing = sorted(set(wanted) - set(tensors))
     unexpected = sorted(set(tensors) - set(wanted))
     if missing or unexpected:

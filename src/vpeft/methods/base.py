@@ -114,6 +114,12 @@ class Method:
     def inject(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig) -> None:
         raise NotImplementedError
 
+    def saved_buffers(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Buffers the method adds that training changes (BatchNorm statistics), by name in the model.
+
+        Saved and loaded with the trainable parameters; most methods have none."""
+        return {}
+
     def after_merge(self, model: nn.Module) -> None:
         """Called after every wrapper was folded: remove any module the method added at the model's root."""
 
