@@ -259,8 +259,9 @@ class HSTBlock(BaseLayerWrapper):
             return self.base_layer(x, *args, **kwargs)
         n = meta.shape[0]
         y = self.base_layer(torch.cat([meta.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1), *args, **kwargs)
-        side.records.blocks[self.index] = (y[:, :n], y[:, n + side.prefix :])
-        return y[:, n:]
+        meta_out, rest = y.split([n, y.shape[1] - n], dim=1)  # backward: one cat, not two zero-filled slices
+        side.records.blocks[self.index] = (meta_out, rest[:, side.prefix :])
+        return rest
 
 
 class HSTNeck(BaseLayerWrapper):
