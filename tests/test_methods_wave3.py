@@ -661,6 +661,12 @@ def test_hst_multiscale_features_are_a_stride_4_to_32_pyramid() -> None:
     assert model(make_input()).shape == (2, NUM_CLASSES)  # the classifier still works afterwards
 
 
+def test_hst_patch_embedding_keeps_its_attributes() -> None:
+    base, model = _apply("hst", "vit")
+    assert model.patch_embed.grid_size == base.patch_embed.grid_size
+    assert model.patch_embed.patch_size == base.patch_embed.patch_size
+
+
 def test_hst_refuses_bad_stage_options() -> None:
     with pytest.raises(vpeft.ConfigError, match="divisible"):
         vpeft.apply(make_backbone("vit"), "hst", dims=[32, 48, 64, 70])

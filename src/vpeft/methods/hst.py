@@ -238,6 +238,15 @@ class HSTEmbed(BaseLayerWrapper):
         super().__init__(base_layer)
         object.__setattr__(self, "side", side)  # registered once, at the model's root
 
+    def __getattr__(self, name: str) -> Any:
+        """The patch embedding's own attributes (``grid_size``, ``patch_size``, ...), which timm reads."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.side.records.image = x
         self.side.records.blocks = {}
