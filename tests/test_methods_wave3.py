@@ -617,6 +617,12 @@ def test_hst_trains_the_block_norms_and_not_the_unused_backbone_parts() -> None:
     }
     assert not any(n.startswith(("norm.", "fc_norm.", "patch_embed.")) for n in trainable)
     assert vpeft.describe(make_backbone("vit")).heads == ["head"] and model.head.in_features == 72
+    unused = [model.norm.base_layer, model.fc_norm.base_layer]  # the ViT's own final norm and pooled norm
+    called = []
+    for module in unused:
+        module.register_forward_hook(lambda m, a, out: called.append(m))
+    model(make_input())
+    assert not called, "HST's classifier reads the side network, not the ViT's final norms"
 
 
 def test_hst_side_blocks_read_every_block_of_other_depths() -> None:
