@@ -657,6 +657,14 @@ def test_hst_batchnorm_statistics_are_saved_with_the_adapter(tmp_path) -> None:
         assert torch.equal(fresh(x), model(x))
 
 
+def test_hst_trains_on_a_batch_of_one() -> None:
+    """BatchNorm1d has no batch statistics for one sample; the running ones stand in (a dataset's last batch)."""
+    _, model = _apply("hst", "vit")
+    model.train()
+    model(make_input(1)).sum().backward()
+    assert model.vpeft_hst.head_norm.num_batches_tracked == 0
+
+
 def test_hst_multiscale_features_are_a_stride_4_to_32_pyramid() -> None:
     _, model = _apply("hst", "vit")
     maps = model.vpeft_hst.multiscale_features(make_input())

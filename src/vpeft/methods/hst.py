@@ -216,7 +216,11 @@ class HierarchicalSideNetwork(nn.Module):
             if s + 1 < len(self.stages):
                 x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
         rec.maps = maps
-        return self.head_norm(x.mean(1))
+        pooled = x.mean(1)
+        norm = self.head_norm
+        if norm.training and pooled.shape[0] == 1:  # a last batch of one has no batch statistics: use the running ones
+            return F.batch_norm(pooled, norm.running_mean, norm.running_var, training=False, eps=norm.eps)
+        return norm(pooled)
 
     def multiscale_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The side network's stage outputs for ``images``: NCHW maps at strides 4, 8, 16, 32 (a dense neck)."""
