@@ -657,6 +657,15 @@ def test_hst_batchnorm_statistics_are_saved_with_the_adapter(tmp_path) -> None:
         assert torch.equal(fresh(x), model(x))
 
 
+def test_hst_every_trainable_tensor_gets_a_gradient() -> None:
+    """The meta tokens of every block, the block norms, the bridges, the stem: all reached by the loss."""
+    _, model = _apply("hst", "vit")
+    model.train()
+    torch.nn.functional.cross_entropy(model(make_input(4)), torch.arange(4) % NUM_CLASSES).backward()
+    missing = [n for n, p in vpeft.trainable_parameters(model).items() if p.grad is None or not p.grad.any()]
+    assert not missing, missing
+
+
 def test_hst_trains_on_a_batch_of_one() -> None:
     """BatchNorm1d has no batch statistics for one sample; the running ones stand in (a dataset's last batch)."""
     _, model = _apply("hst", "vit")
