@@ -293,8 +293,9 @@ def build(name: str, model_name: str, img: int, model_kwargs: dict | None = None
             p.requires_grad_(False)
         for p in model.get_classifier().parameters():
             p.requires_grad_(True)
-        for block in model.blocks:
-            block.attn.qkv = RefLoRA(block.attn.qkv)
+        for parts in vpeft.describe(model).blocks:  # ViT and Swin blocks alike
+            attn = model.get_submodule(parts.attn)
+            attn.qkv = RefLoRA(attn.qkv)
     elif name == "vpeft_lora_qkv":
         vpeft.apply(model, "lora", rank=8, targets=["qkv"])
     else:

@@ -39,6 +39,9 @@ class Spec:
     options: dict = field(default_factory=dict)
     #: input width of the classifier head (HST's head reads its side network's last stage, 72 wide)
     head_in: int = 768
+    #: closed-form counts on conftest's "swin" (widths 16, 32; one block each) and on Swin-B, for Swin methods
+    small_swin: int | None = None
+    swin_b: int | None = None
 
 
 def _adapter_plus(d: int, depth: int, r: int = 8) -> int:
@@ -87,6 +90,22 @@ def _last(d: int, depth: int, r: int = 16) -> int:
     return depth * (2 * d + (d * 3 * r + 3 * r) + (r * d + d))  # LN, fused q/k/v, output projection
 
 
+def _lorand_layer(fan_in: int, fan_out: int, branches: int = 2, kernel: int = 8) -> int:
+    """sum_i P_i K_i Q_i and a bias, without the kernels K_i."""
+    return branches * (fan_in * kernel + kernel * fan_out) + fan_out
+
+
+def _lorand(widths: list[int], shared: bool = True, branches: int = 2, kernel: int = 8) -> int:
+    """Two LoRand adapters (down to width / 2 and back up) per block; ``widths``: each block's width.
+    The adapter's two layers share one set of kernels (``shared``) or have one each."""
+    kernels = (1 if shared else 2) * branches * kernel * kernel
+    return sum(2 * (_lorand_layer(d, d // 2) + _lorand_layer(d // 2, d) + kernels) for d in widths)
+
+
+#: block widths of Swin-B (depths 2, 2, 18, 2; widths 128 ... 1024) and of conftest's small Swin
+SWIN_B = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2
+SMALL_SWIN = [16, 32]
+
 SPECS: dict[str, Spec] = {
     "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
     "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
@@ -105,6 +124,23 @@ SPECS: dict[str, Spec] = {
     "hst": Spec(identity=None, small_vit=_hst(D, DEPTH, DEPTH), vit_b=_hst(768, 12, 12), head_in=72),
     # LAST: the paper gives no init; ours (zero output projections) starts from the backbone, tested below
     "last": Spec(identity=None, small_vit=_last(D, DEPTH), vit_b=_last(768, 12), frozen_blocks=(0, 1)),
+    # the paper's (the author's code's) Kaiming init of every factor is not the identity; zero_up is
+    "lorand": Spec(
+        identity=dict(init="zero_up"),
+        small_vit=_lorand([D] * DEPTH),
+        vit_b=_lorand([768] * 12),
+        small_swin=_lorand(SMALL_SWIN),
+        swin_b=_lorand(SWIN_B),  # 1,197,312: the published 1.20M (COCO, Swin-B)
+    ),
+    # LoRand's adapters, two per block, on the highway, and the final norm (2 x the last width)
+    "e3va": Spec(
+        identity=dict(init="zero_up"),
+        small_vit=_lorand([D] * DEPTH) + 2 * D,
+        vit_b=_lorand([768] * 12) + 2 * 768,
+        frozen_blocks=(0, 1),
+        small_swin=_lorand(SMALL_SWIN) + 2 * 32,
+        swin_b=_lorand(SWIN_B) + 2 * 1024,  # 1,199,360: the published 1.20M
+    ),
 }
 METHODS = sorted(SPECS)
 CASES = [(m, b) for m in METHODS for b in BACKBONES]
@@ -246,6 +282,24 @@ def test_vit_b16_count(method: str, vit_b: torch.nn.Module) -> None:
     model = vpeft.apply(copy.deepcopy(vit_b), method)
     assert vpeft.count_trainable(model, include_head=False) == SPECS[method].vit_b
     assert vpeft.count_trainable(model) == SPECS[method].vit_b + SPECS[method].head_in * 100 + 100
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if SPECS[m].small_swin is not None])
+def test_small_swin_closed_form(method: str) -> None:
+    model = vpeft.apply(make_backbone("swin"), method)
+    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].small_swin
+
+
+@pytest.fixture(scope="module")
+def swin_b() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=100)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if SPECS[m].swin_b is not None])
+def test_swin_b_count(method: str, swin_b: torch.nn.Module) -> None:
+    model = vpeft.apply(copy.deepcopy(swin_b), method)
+    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].swin_b
 
 
 # ---------------------------------------------------------------- side methods: no graph in the frozen part
@@ -729,3 +783,127 @@ def test_last_zero_output_projections_start_from_the_backbone() -> None:
 def test_last_refuses_a_rank_the_heads_do_not_divide() -> None:
     with pytest.raises(vpeft.ConfigError, match="divisible by heads"):
         vpeft.apply(make_backbone("vit"), "last", rank=10, heads=4)
+
+
+# ---------------------------------------------------------------- LoRand and E3VA (dense-prediction methods on Swin)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_lorand_kernel_sharing(shared: bool) -> None:
+    """Shared: the up-projection reads the down-projection's K_i, one tensor in the state_dict."""
+    model = vpeft.apply(make_backbone("swin"), "lorand", share_kernel=shared)
+    adapter = model.layers[0].blocks[0].mlp.lorand
+    assert (adapter.up.kernels is adapter.down.Kt) == shared
+    assert torch.equal(adapter.up.factors()[1], adapter.down.factors()[1]) == shared
+    kernels = [k for k in model.state_dict() if k.endswith("Kt")]
+    assert len(kernels) == (1 if shared else 2) * 2 * 2  # per adapter, 2 adapters per block, 2 blocks
+    assert vpeft.count_trainable(model, include_head=False) == _lorand(SMALL_SWIN, shared=shared)
+    if shared:
+        model.train()
+        model(make_input()).sum().backward()
+        assert adapter.down.Kt.grad is not None and "Kt" not in dict(adapter.up.named_parameters())
+
+
+def test_lorand_layer_is_the_sum_of_branch_products() -> None:
+    from vpeft.methods.lorand import LoRandLayer
+
+    torch.manual_seed(0)
+    layer = LoRandLayer(12, 6, branches=3, kernel=4, like=torch.zeros(()))
+    x = torch.randn(2, 5, 12)
+    p, k, q = layer.factors()
+    assert p.shape == (3, 12, 4) and k.shape == (3, 4, 4) and q.shape == (3, 4, 6)
+    w = sum(p[i] @ k[i] @ q[i] for i in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ w + layer.bias, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.weight(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "swin"])
+def test_lorand_adapts_the_attention_and_mlp_outputs(backbone: str) -> None:
+    """h -> h + W_up(GELU(W_down h)) on each sub-block's output h, W = sum_i P_i K_i Q_i."""
+    base, model = _apply("lorand", backbone)
+    parts = vpeft.describe(base).blocks[0]
+    x = torch.randn(2, 16, parts.dim)  # 16 tokens: one 4 x 4 window of the small Swin
+    for role in ("attn", "mlp"):
+        wrapped, ref = model.get_submodule(getattr(parts, role)), base.get_submodule(getattr(parts, role))
+        down, up = wrapped.lorand.down, wrapped.lorand.up
+        with torch.no_grad():
+            h = ref(x)
+            z = torch.nn.functional.gelu(h @ down.weight() + down.bias)
+            torch.testing.assert_close(wrapped(x), h + z @ up.weight() + up.bias, rtol=1e-5, atol=1e-5)
+
+
+def _e3va_reference(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor):
+    """The highway written out: the backbone runs alone; h += A(x_mid - x) + M(out - x_mid) per block,
+    h <- D(x + h) - D(x) at a Swin stage's downsampling D; every stage hands on x + h. Returns
+    (logits, every stage's x + h)."""
+    anatomy = vpeft.describe(base)
+    mids: dict[str, torch.Tensor] = {}
+    for p in anatomy.blocks:
+        base.get_submodule(p.norm2).register_forward_pre_hook(lambda m, a, n=p.name: mids.__setitem__(n, a[0]))
+    if anatomy.family == "vit":
+        t = base.norm_pre(base.patch_drop(base._pos_embed(base.patch_embed(x))))
+        stages = [(None, list(zip(base.blocks, anatomy.blocks, strict=True)))]
+    else:
+        t = base.patch_embed(x)
+        names = iter(anatomy.blocks)
+        stages = [(s.downsample, [(b, next(names)) for b in s.blocks]) for s in base.layers]
+    h, outs = None, []
+    for downsample, blocks in stages:
+        if downsample is not None:
+            td = downsample(t)
+            h = None if h is None else downsample(t + h) - td
+            t = td
+        for block, parts in blocks:
+            out = block(t)
+            mid = mids[parts.name].reshape(out.shape)
+            wrapped = model.get_submodule(parts.name)
+            delta = wrapped.attn_adapter(mid - t) + wrapped.mlp_adapter(out - mid)
+            h = delta if h is None else h + delta
+            t = out
+        outs.append(t + h)
+    return model.forward_head(model.norm(t + h)), outs
+
+
+@pytest.mark.parametrize("backbone", ["vit", "swin"])
+def test_e3va_matches_the_highway_formula(backbone: str) -> None:
+    base, model = _apply("e3va", backbone)
+    _perturb_trainable(model)  # the final norm too
+    x = make_input()
+    with torch.no_grad():
+        expected, stages = _e3va_reference(base, model, x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        if backbone == "swin":  # a dense head's multi-scale features carry the highway at every stage
+            got = model.forward_intermediates(x, intermediates_only=True)
+            plain = base.forward_intermediates(x, intermediates_only=True)
+            assert len(got) == len(stages) == 2
+            for g, e, p in zip(got, stages, plain, strict=True):
+                torch.testing.assert_close(g, e.permute(0, 3, 1, 2), rtol=1e-4, atol=1e-5)
+                assert (g - p).abs().max() > 1e-3  # the highway is there
+
+
+def test_e3va_swin_runs_every_block_without_autograd() -> None:
+    """No Swin block builds a graph or sees a backward pass; every adapter still gets its gradient."""
+    _, model = _apply("e3va", "swin")
+    model.train()
+    outputs: dict[str, torch.Tensor] = {}
+    fired: list[str] = []
+    names = [p.name for p in vpeft.describe(make_backbone("swin")).blocks]
+    for name in names:
+        inner = model.get_submodule(name).base_layer
+        inner.register_forward_hook(lambda m, a, out, n=name: outputs.setdefault(n, out))
+        inner.register_full_backward_hook(lambda m, gi, go, n=name: fired.append(n))
+    model(make_input(4)).sum().backward()
+    for name in names:
+        assert outputs[name].grad_fn is None and not outputs[name].requires_grad, f"{name} built a graph"
+    assert not fired, f"backward ran through {fired}"
+    method_params = vpeft.trainable_parameters(model, include_head=False)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method_params.values())
+
+
+@pytest.mark.parametrize("train_norm", [False, True])
+def test_e3va_trains_the_adapters_and_optionally_the_final_norm(train_norm: bool) -> None:
+    model = vpeft.apply(make_backbone("swin"), "e3va", train_norm=train_norm)
+    names = set(vpeft.trainable_parameters(model, include_head=False))
+    assert {n for n in names if "adapter" not in n} == ({"norm.weight", "norm.bias"} if train_norm else set())
+    assert vpeft.count_trainable(model, include_head=False) == _lorand(SMALL_SWIN) + train_norm * 2 * 32

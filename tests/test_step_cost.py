@@ -107,6 +107,26 @@ def test_non_matmul_bytes_at_most_twice_full_fine_tuning(method: str) -> None:
     assert _vit_b(method).bytes_written <= 2 * _vit_b("full").bytes_written
 
 
+#: a small Swin (two stages of one block) at 32 px: the dense methods' backbone family
+TINY_SWIN = {"window_size": 4, "depths": (1, 1), "num_heads": (1, 2), "embed_dim": 32}
+
+
+def _swin(method: str) -> step_cost.Cost:
+    return step_cost.step_cost(step_cost.build(method, "swin_tiny_patch4_window7_224", 32, TINY_SWIN), 8, 32)
+
+
+@pytest.mark.parametrize("method", ["lorand", "e3va"])
+def test_dense_methods_write_at_most_twice_full_fine_tuning_on_swin(method: str) -> None:
+    full, cost = _swin("full"), _swin(method)
+    assert cost.bytes_written <= 2 * full.bytes_written and cost.bytes_read <= 2 * full.bytes_read
+    if method == "e3va":  # no backward through the blocks: less than full fine-tuning writes
+        assert cost.bytes_written < full.bytes_written and cost.flops < full.flops
+
+
+def test_reference_lora_builds_on_swin() -> None:
+    assert _swin("ref_lora_qkv").flops > 0
+
+
 # ---------------------------------------------------------------- the cheaper paths compute the same formulas
 
 #: every exactness check runs on the CPU, and on CUDA (with its own autocast) where a GPU is present
