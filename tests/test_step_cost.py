@@ -102,7 +102,7 @@ def test_lora_on_q_v_costs_no_more_than_peft_lora_on_qkv() -> None:
     assert lora.by_op["copy_"] == lora.by_op["slice_backward"] == 0  # no slice assignment, in forward or backward
 
 
-@pytest.mark.parametrize("method", ["lora", "ssf"])
+@pytest.mark.parametrize("method", ["lora", "ssf", "dora", "mona", "fact_tt"])
 def test_non_matmul_bytes_at_most_twice_full_fine_tuning(method: str) -> None:
     assert _vit_b(method).bytes_written <= 2 * _vit_b("full").bytes_written
 
@@ -179,6 +179,47 @@ def test_lora_fused_function_matches_the_formula(slices, scaling: float, amp: bo
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2 if amp else 1e-5, atol=2e-2 if amp else 1e-5)
+
+
+@pytest.mark.parametrize("slices", [[(0, 16), (32, 48)], [(0, 48)], [(16, 32)]])
+@pytest.mark.parametrize("scaling", [1.0, 0.5])
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dora_fused_function_matches_the_formula(slices, scaling: float, amp: bool, device: str) -> None:
+    """Training without dropout: (m/n) (x W^T + s x A^T B^T) + b on each slice, n = ||W + s B A|| detached, x W^T + b
+    elsewhere; outputs and every gradient (base weight and bias trainable too), in fp32 and under bf16 autocast."""
+    from vpeft.methods.dora import DoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 48)
+    layer = DoRALinear(base, slices, 4, scaling, 0.0).to(device).train()
+    with torch.no_grad():
+        for b, m in zip(layer.lora_B, layer.magnitude, strict=True):
+            torch.nn.init.normal_(b)
+            m.mul_(torch.rand_like(m) + 0.5)
+    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
+
+    def reference(x):
+        out = torch.nn.functional.linear(x, base.weight, base.bias)
+        parts, cursor = [], 0
+        for (start, end), a, b, m in zip(layer.slices, layer.lora_A, layer.lora_B, layer.magnitude, strict=True):
+            w = base.weight[start:end]
+            n = (w.float() + scaling * b.float() @ a.float()).norm(dim=1).detach()
+            pre = (
+                torch.nn.functional.linear(x, w)
+                + torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * scaling
+            )
+            parts += [out[..., cursor:start], (m / n) * pre + base.bias[start:end]]
+            cursor = end
+        return torch.cat([*parts, out[..., cursor:]], dim=-1)
+
+    params = [base.weight, base.bias, *layer.lora_A, *layer.lora_B, *layer.magnitude]
+    weight = torch.randn(3, 5, 48, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        got, want = _grads(layer, x, params, weight), _grads(reference, x, params, weight)
+    for g, w in zip(got, want, strict=True):  # bf16: within 3% of each tensor's largest entry
+        atol = 3e-2 * w.float().abs().max().item() if amp else 1e-5
+        torch.testing.assert_close(g.float(), w.float(), rtol=3e-2 if amp else 1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("slices", [[(0, 16), (32, 48)], [(0, 48)]])
