@@ -372,3 +372,43 @@ def test_adaptformer_fused_path_matches_the_formula(amp: bool, device: str) -> N
 
     model = torch.nn.Sequential(tap, layer).to(device)
     _check_against(model, reference, torch.randn(2, 5, 16, device=device, requires_grad=True), amp)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_mona_folded_path_matches_the_formula(prefix: int, amp: bool, device: str) -> None:
+    """out + up(gelu(MonaOp(down(gamma LN(y) + gamma_x y)))), y = x + out, with the three depth-wise convolutions,
+    their average, the skips and the projector written out, against the folded forward."""
+    from vpeft.methods.mona import MonaBranch, MonaConfig
+
+    torch.manual_seed(0)
+    branch = MonaBranch(16, MonaConfig(hidden=4, dropout=0.0), prefix, (3, 3), torch.empty(1))
+    _randomise(branch)
+    F = torch.nn.functional
+
+    def reference(inputs):
+        x, out = inputs[..., 0], inputs[..., 1]
+        y = x + out
+        h = F.layer_norm(y, (16,), branch.norm.weight, branch.norm.bias) * branch.gamma + y * branch.gamma_x
+        z = branch.down(h)
+        b, _, r = z.shape
+        g = z[:, prefix:].transpose(1, 2).reshape(b, r, 3, 3)
+        g = g + sum(conv(g) for conv in branch.dw) / 3
+        g = g + branch.projector(g)
+        z = torch.cat([z[:, :prefix], g.flatten(2).transpose(1, 2)], dim=1)
+        return out + branch.up(F.gelu(z))
+
+    def fused(inputs):
+        x, out = inputs[..., 0], inputs[..., 1]
+        return branch.add_to(out, x + out)
+
+    branch.to(device)
+    inputs = torch.randn(2, prefix + 9, 16, 2, device=device, requires_grad=True)  # x and out, stacked
+    params = [p for p in branch.parameters() if p.requires_grad]
+    weight = torch.randn(2, prefix + 9, 16, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+        got, want = _grads(fused, inputs, params, weight), _grads(reference, inputs, params, weight)
+    for g, w in zip(got, want, strict=True):  # bf16: within 3% of each tensor's largest entry
+        atol = 3e-2 * w.float().abs().max().item() if amp else 1e-5
+        torch.testing.assert_close(g.float(), w.float(), rtol=3e-2 if amp else 1e-5, atol=atol)
