@@ -412,3 +412,38 @@ def test_mona_folded_path_matches_the_formula(prefix: int, amp: bool, device: st
     for g, w in zip(got, want, strict=True):  # bf16: within 3% of each tensor's largest entry
         atol = 3e-2 * w.float().abs().max().item() if amp else 1e-5
         torch.testing.assert_close(g.float(), w.float(), rtol=3e-2 if amp else 1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("layer", ["attn.qkv", "mlp.fc1", "mlp.fc2"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_fact_fused_path_matches_the_formula(layer: str, amp: bool) -> None:
+    """base(x) + s (x_i U) S_oi V^T per d x d block (o out, i in), written blockwise, against the fused forward
+    (one down weight, the scale and the add in the up-projection's matmul)."""
+    import timm
+
+    import vpeft
+
+    from conftest import VIT_KW
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**VIT_KW, "mlp_ratio": 4.0})
+    model = vpeft.apply(model, "fact_tt", rank=4, scale=0.7, dropout=0.0)
+    _randomise(model)
+    wrapper = model.blocks[0].get_submodule(layer)
+    f, base, cores = model.vpeft_fact, wrapper.base_layer, wrapper.core
+    o, i, _, _ = cores.shape
+    d = f.u.shape[0]
+
+    def reference(x):
+        ux = x.unflatten(-1, (i, d)) @ f.u  # (..., i, r)
+        z = torch.stack([sum(ux[..., k, :] @ cores[j, k].T for k in range(i)) for j in range(o)], dim=-2)
+        return base(x) + 0.7 * (z @ f.v.T).flatten(-2)
+
+    x = torch.randn(2, 5, base.in_features, requires_grad=True)
+    params, weight = [p for p in wrapper.parameters() if p.requires_grad] + [f.u, f.v], torch.randn(2, 5, o * d)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        got, want = _grads(wrapper, x, params, weight), _grads(reference, x, params, weight)
+    for g, w in zip(got, want, strict=True):  # bf16: within 3% of each tensor's largest entry
+        assert g.dtype == w.dtype
+        atol = 3e-2 * w.float().abs().max().item() if amp else 1e-5
+        torch.testing.assert_close(g.float(), w.float(), rtol=3e-2 if amp else 1e-5, atol=atol)

@@ -28,6 +28,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import DeltaWeightWrapper, Method, MethodConfig, register, replace_module
+from vpeft.modules import matmul_dtype
 
 ROOT = "vpeft_fact"
 
@@ -121,6 +122,9 @@ class FacTLinear(DeltaWeightWrapper):
             nn.init.uniform_(core, -1 / math.sqrt(r * self.in_blocks), 1 / math.sqrt(r * self.in_blocks))
             self.core = nn.Parameter(core)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # I over the output blocks, shaped to place V^T on the diagonal of the up weight (a constant, not saved)
+        eye = torch.eye(self.out_blocks, device=factors.u.device, dtype=factors.u.dtype)
+        self.register_buffer("block_eye", eye[:, None, :, None], persistent=False)
 
     @property
     def num_blocks(self) -> int:
@@ -138,12 +142,27 @@ class FacTLinear(DeltaWeightWrapper):
         r = t.shape[0]
         return t.permute(2, 1, 0).reshape(self.out_blocks, self.in_blocks, r, r)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def low_rank_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up): z = x down is U^T of each input block times its cores, (i d, o r); the increment is
+        s drop(z) up, up the block-diagonal V^T of every output block, (o r, o d). Small, built per step."""
         f = self.factors
-        u = x.unflatten(-1, (self.in_blocks, -1)) @ f.u  # (..., in_blocks, r)
-        z = torch.einsum("...ir,oisr->...os", u, self.cores())  # (..., out_blocks, r)
-        delta = self.dropout(z) @ f.v.T  # (..., out_blocks, d)
-        return self.base_layer(x) + self.scale * delta.flatten(-2)
+        cores = self.cores()  # (o, i, r_V, r_U)
+        o, i, r = self.out_blocks, self.in_blocks, cores.shape[-1]
+        mix = cores.permute(1, 3, 0, 2).reshape(i, r, o * r)  # [i, r_U, (o, r_V)]
+        down = (f.u @ mix[0]) if i == 1 else torch.matmul(f.u, mix).reshape(i * f.u.shape[0], o * r)
+        up = (self.block_eye * f.v.t()[None, :, None, :]).reshape(o * r, -1)  # V^T on the diagonal
+        return down, up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(matmul_dtype(x))  # one cast shared by the base layer and the low-rank path
+        out = self.base_layer(x)
+        with torch.autocast(x.device.type, enabled=False):  # the small weights in their own dtype
+            down, up = self.low_rank_weights()
+        z = torch.mm(x.reshape(-1, x.shape[-1]), down.to(x.dtype))
+        z = self.dropout(z.view(*x.shape[:-1], self.out_blocks, -1)).view(z.shape)  # per block, as (..., o, r)
+        # the increment's scale and add are the up-projection's matmul epilogue: no activation-sized pass
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), z, up.to(x.dtype), alpha=self.scale)
+        return flat.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         f = self.factors
