@@ -10,6 +10,11 @@ With dropout, training computes what the official code (NVlabs/DoRA) and peft co
 W x + b + (m/n - 1) W drop(x) + (m/n) s B A drop(x), i.e. dropout acts on the LoRA path and on the
 magnitude correction, never on the frozen base path. Without dropout, and in eval, this is exactly
 (m/n) (W x + s B A x) + b.
+
+Speed (GPU first): the per-feature scale m/n multiplies the weights, not the activations (one autograd
+function, :class:`_DoRAFunction`: the base matmul on diag(m/n) W plus LoRA's fused low-rank matmuls), so
+a training step adds weight-sized work only; with dropout the official formula's extra terms are one
+matmul on drop(x) whose (m/n - 1) W + (m/n) s B A weight is built per step.
 """
 
 from __future__ import annotations
