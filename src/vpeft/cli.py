@@ -207,8 +207,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             return 0
     if record.get("stage") == "search":
         print(
-            f"noah search on {record['task']} (val): best subnet top-1 {record['top1']:.2f}% with "
-            f"{record['trainable_params']:,} parameters (budget {record['budget']:,}) -> {args.out}/architecture.json"
+            f"{record['method']} search on {record['task']} (val): best subnet top-1 {record['top1']:.2f}% with "
+            f"{record['trainable_params']:,} parameters (budget {record['budget']:,}) -> {args.out}"
         )
         return 0
     if record.get("reused"):

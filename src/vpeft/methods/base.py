@@ -255,10 +255,13 @@ class StageContext:
 
 @dataclass
 class StageOutput:
-    """What a standalone stage found: fields of the run's record, and JSON files for the run folder."""
+    """What a standalone stage found: fields of the run's record, JSON files for the run folder, and optionally
+    an adapter to save there."""
 
     record: dict[str, Any]
     files: dict[str, Any] = field(default_factory=dict)
+    #: a model with the method applied whose adapter the run saves (GLoRA's searched subnet), or None
+    adapter: nn.Module | None = None
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ and VPT-deep prompts (tokens). Three stages:
 
 1. ``stage=supernet``: modules at their largest sizes; each training forward samples a random size
    per module and block and uses the first that-many rows/columns/tokens (weight entanglement);
-   evaluation uses the largest sizes.
+   evaluation after training uses the largest sizes (a search sets each candidate's sizes).
 2. ``search(model, val_set, budget)``: evolutionary search (mutation and crossover) over per-block
    sizes, each candidate scored by validation accuracy with the supernet's weights, under a budget
    of trainable parameters without head. Test data is never used. In a run (``stage=search``) it
@@ -44,6 +44,7 @@ from vpeft.methods.base import (
     register,
     replace_module,
 )
+from vpeft.methods.evolution import evolve, sample, sampling_hook, top1
 
 MODULES = ("adapter", "lora", "prompt")
 STAGES = ("supernet", "search", "retrain")
@@ -175,10 +176,6 @@ def count_architecture(model: nn.Module, architecture: list[dict[str, int]]) -> 
     return sum(b.count(s) for b, s in zip(_blocks(model), architecture, strict=True))
 
 
-def _sample(choices: dict[str, list[int]], depth: int, rng: random.Random) -> list[dict[str, int]]:
-    return [{k: rng.choice(v) for k, v in choices.items()} for _ in range(depth)]
-
-
 @register
 class NOAH(Method):
     name = "noah"
@@ -225,23 +222,17 @@ class NOAH(Method):
             rng = random.Random(0)
             choices, depth = config.choices(), anatomy.depth
 
-            def sample_subnet(module: nn.Module, args: tuple) -> None:
-                set_architecture(module, _sample(choices, depth, rng) if module.training else None)
+            model.register_forward_pre_hook(
+                sampling_hook(
+                    lambda: set_architecture(model, sample(choices, depth, rng)),
+                    lambda: set_architecture(model, None),
+                )
+            )
 
-            model.register_forward_pre_hook(sample_subnet)
 
-
-@torch.no_grad()
 def evaluate_architecture(model: nn.Module, architecture: list[dict[str, int]], loader) -> float:
     set_architecture(model, architecture)
-    model.eval()
-    correct = seen = 0
-    device = next(model.parameters()).device
-    for x, y in loader:
-        x, y = x.to(device), torch.as_tensor(y).to(device)
-        correct += (model(x).argmax(-1) == y).sum().item()
-        seen += len(y)
-    return correct / max(1, seen)
+    return top1(model, loader)
 
 
 def search(
@@ -258,54 +249,27 @@ def search(
     """Evolutionary search of per-block sizes on a validation set, under a parameter budget (no head).
 
     ``model`` carries a trained NOAH supernet. Returns the best architecture, its validation
-    accuracy and parameter count, and the history of the search.
+    accuracy and parameter count, and the history of the search (:func:`vpeft.methods.evolution.evolve`).
     """
     from vpeft.api import get_state
 
     state = get_state(model)
     if state is None or state.method != "noah" or state.config.stage != "supernet":
         raise ConfigError("noah search needs a model with a trained NOAH supernet (stage=supernet)")
-    choices, depth = state.config.choices(), len(_blocks(model))
-    rng = random.Random(seed)
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False)
     # the forward pre-hook samples only in training mode; evaluation uses set_architecture's sizes
-    scored: dict[str, float] = {}
-
-    def feasible(arch):
-        return count_architecture(model, arch) <= budget
-
-    def score(arch) -> float:
-        key = json.dumps(arch, sort_keys=True)
-        if key not in scored:
-            scored[key] = evaluate_architecture(model, arch, loader)
-        return scored[key]
-
-    def random_feasible():
-        for _ in range(1000):
-            arch = _sample(choices, depth, rng)
-            if feasible(arch):
-                return arch
-        raise ConfigError(f"noah: no architecture of the search space fits a budget of {budget} parameters")
-
-    pool = [random_feasible() for _ in range(population)]
-    history = []
-    for generation in range(generations):
-        ranked = sorted(pool, key=score, reverse=True)
-        history.append({"generation": generation, "best_val": score(ranked[0]),
-                        "best_params": count_architecture(model, ranked[0])})  # fmt: skip
-        parents = ranked[: max(2, population // 2)]
-        children = []
-        while len(children) < population - len(parents):
-            a, b = rng.sample(parents, 2)
-            child = [dict(rng.choice((x, y))) for x, y in zip(a, b, strict=True)]  # crossover per block
-            for block in child:  # mutation
-                for k in MODULES:
-                    if rng.random() < mutation_prob:
-                        block[k] = rng.choice(choices[k])
-            if feasible(child):
-                children.append(child)
-        pool = parents + children
-    best = max(pool, key=score)
+    found = evolve(
+        state.config.choices(),
+        len(_blocks(model)),
+        lambda arch: evaluate_architecture(model, arch, loader),
+        lambda arch: count_architecture(model, arch),
+        budget,
+        population=population,
+        generations=generations,
+        mutation_prob=mutation_prob,
+        rng=random.Random(seed),
+        what="noah",
+    )
     set_architecture(model, None)
-    return {"architecture": best, "val_top1": 100 * score(best), "params": count_architecture(model, best),
-            "budget": budget, "history": history, "evaluated": len(scored)}  # fmt: skip
+    return {"architecture": found["best"], "val_top1": 100 * found["score"], "params": found["params"],
+            "budget": budget, "history": found["history"], "evaluated": found["evaluated"]}  # fmt: skip
