@@ -23,21 +23,28 @@ from vpeft.errors import ConfigError
 Candidate = list[dict[str, Any]]
 
 
+_SAMPLED = "_vpeft_subnet_sampled"
+
+
 def sampling_hook(draw: Callable[[], None], reset: Callable[[], None]) -> Callable[[nn.Module, tuple], None]:
     """A forward pre-hook for a supernet: a training forward calls ``draw`` (a random subnet); the first
-    evaluation forward after training calls ``reset`` (the supernet's evaluation subnet); other evaluation
-    forwards keep whatever subnet was set, so a search can score its candidates."""
-    sampled = [False]
+    evaluation forward after it calls ``reset`` (the supernet's evaluation subnet), unless a subnet was
+    set since (:func:`subnet_set`), so a search scores each candidate as itself."""
 
     def hook(module: nn.Module, args: tuple) -> None:
         if module.training:
             draw()
-            sampled[0] = True
-        elif sampled[0]:
+            setattr(module, _SAMPLED, True)
+        elif getattr(module, _SAMPLED, False):
             reset()
-            sampled[0] = False
+            setattr(module, _SAMPLED, False)
 
     return hook
+
+
+def subnet_set(model: nn.Module) -> None:
+    """Record that a subnet was set on ``model``: evaluation uses it, not the supernet's evaluation subnet."""
+    setattr(model, _SAMPLED, False)
 
 
 def sample(choices: dict[str, Sequence[Any]], units: int, rng: random.Random) -> Candidate:

@@ -57,7 +57,7 @@ from vpeft.methods.base import (
     register,
     replace_module,
 )
-from vpeft.methods.evolution import evolve, sampling_hook, top1
+from vpeft.methods.evolution import evolve, sampling_hook, subnet_set, top1
 
 ROLES = ("qkv", "proj", "fc1", "fc2")
 STAGES = ("fixed", "supernet", "search", "subnet")
@@ -277,6 +277,7 @@ def set_layers(model: nn.Module, layers: dict[str, dict[str, str]]) -> None:
     """Make a supernet compute these per-layer support tensors."""
     for name, layer in _layers(model).items():
         layer.kinds = dict(layers[name])
+    subnet_set(model)
 
 
 def count_layers(model: nn.Module, layers: dict[str, dict[str, str]], rank: int) -> int:

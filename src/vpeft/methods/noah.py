@@ -44,7 +44,7 @@ from vpeft.methods.base import (
     register,
     replace_module,
 )
-from vpeft.methods.evolution import evolve, sample, sampling_hook, top1
+from vpeft.methods.evolution import evolve, sample, sampling_hook, subnet_set, top1
 
 MODULES = ("adapter", "lora", "prompt")
 STAGES = ("supernet", "search", "retrain")
@@ -165,6 +165,7 @@ def set_architecture(model: nn.Module, architecture: list[dict[str, int]] | None
     """Use these per-block sizes (None: the largest of every module)."""
     for block, sizes in zip(_blocks(model), architecture or [None] * len(_blocks(model)), strict=True):
         block.active = dict(sizes) if sizes else {k: _largest(block, k) for k in MODULES}
+    subnet_set(model)
 
 
 def _largest(block: NOAHBlock, module: str) -> int:
