@@ -50,7 +50,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
     for m in vpeft.list_methods():
         model = copy.deepcopy(base)
         note, data = "", None
-        if vpeft.get_method(m["name"]).stage is not None:  # GPS, SPT, SCT choose from training data
+        impl = vpeft.get_method(m["name"])
+        if impl.stage is not None and not impl.prepared(vpeft.make_config(m["name"])):  # GPS, SPT, SCT read data
             from vpeft.methods.base import random_stage_data
 
             data = random_stage_data(model, args.num_classes)
