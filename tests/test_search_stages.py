@@ -62,8 +62,8 @@ def test_evolve_finds_the_best_feasible_candidate_and_is_seeded() -> None:
 # ---------------------------------------------------------------- GLoRA
 
 
-def _supernet(seed: int = 0, **options) -> tuple[torch.nn.Module, torch.nn.Module]:
-    base = make_backbone("vit")
+def _supernet(seed: int = 0, backbone: str = "vit", **options) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = make_backbone(backbone)
     torch.manual_seed(seed)
     model = vpeft.apply(copy.deepcopy(base), "glora", stage="supernet", **options)
     _perturb(model)
@@ -118,8 +118,9 @@ def test_glora_supernet_slices_as_the_official_layer(kinds: dict) -> None:
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_glora_search_is_seeded_within_budget_and_the_subnet_inherits_exactly(tmp_path, monkeypatch) -> None:
-    base, model = _supernet()
+@pytest.mark.parametrize("backbone", ["vit", "swin"])
+def test_glora_search_is_seeded_within_budget_and_the_subnet_inherits_exactly(backbone, tmp_path, monkeypatch) -> None:
+    base, model = _supernet(backbone=backbone)
     data = random_stage_data(model, NUM_CLASSES, n=10)
     config = vpeft.make_config("glora", stage="supernet", budget=4000, **SEARCH)
     found = glora.search(model, data, config, seed=0)
@@ -198,9 +199,9 @@ def test_glora_subnet_count_and_bad_layers() -> None:
 PRUNE = dict(prune_tokens=0.4, prune_segments=0.5, prune_epochs=2)
 
 
-def _pruned(data, seed: int = 5, **options) -> torch.nn.Module:
+def _pruned(data, seed: int = 5, backbone: str = "vit", **options) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return vpeft.apply(make_backbone("vit"), "e2vpt", data=data, **{**PRUNE, **options})
+    return vpeft.apply(make_backbone(backbone), "e2vpt", data=data, **{**PRUNE, **options})
 
 
 def test_e2vpt_selection_depends_on_the_data_and_is_deterministic() -> None:
@@ -270,14 +271,15 @@ def test_e2vpt_importance_is_the_token_mask_gradient(monkeypatch) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_e2vpt_reload_needs_no_data(tmp_path, monkeypatch) -> None:
-    model = _pruned(_data(0)).eval()
+@pytest.mark.parametrize("backbone", ["vit", "vit_reg_cls"])
+def test_e2vpt_reload_needs_no_data(backbone: str, tmp_path, monkeypatch) -> None:
+    model = _pruned(_data(0), backbone=backbone).eval()
     _perturb(model)
     vpeft.save_adapter(model, tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["options"]["selection"] == vpeft.get_state(model).config.selection
     monkeypatch.setattr(e2vpt.E2VPT, "prepare", lambda *a, **k: pytest.fail("load_adapter ran the pruning stage"))
-    fresh = vpeft.load_adapter(make_backbone("vit"), tmp_path).eval()
+    fresh = vpeft.load_adapter(make_backbone(backbone), tmp_path).eval()
     x = make_input()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
