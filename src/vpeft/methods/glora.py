@@ -303,8 +303,8 @@ class GLoRA(Method):
     def run_standalone(self, config: GLoRAConfig, context: StageContext) -> StageOutput:
         """`vpeft train --method glora --mode tune --opt stage=search --opt supernet=DIR`: search on val.
 
-        Writes ``glora_search.json`` and, as the paper (no retraining), the found subnet with the
-        supernet's weights as the run's adapter (stage=subnet)."""
+        Writes ``glora_search.json`` and, as the code (it has no retraining step), the found subnet with
+        the supernet's weights as the run's adapter (stage=subnet)."""
         from vpeft.api import load_adapter, read_adapter_config
 
         saved = read_adapter_config(config.supernet)
