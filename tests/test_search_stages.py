@@ -346,6 +346,10 @@ def test_glora_supernet_search_subnet_from_the_cli(vtab_task, tmp_path, capsys) 
     assert record["eval_split"] == "val" and found["params"] <= 6000 and record["trainable_params"] == found["params"]
     saved = json.loads((tmp_path / "search/adapter_config.json").read_text())
     assert saved["options"]["stage"] == "subnet" and json.loads(saved["options"]["layers"]) == found["layers"]
+    # the saved subnet scores on val what the search found
+    assert main(["eval", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--adapter", str(tmp_path / "search"),
+                 "--data", f"vtab1k:{task}", "--split", "val", *model_args]) == 0  # fmt: skip
+    assert f"top-1 {found['val_top1']:.2f}%" in capsys.readouterr().out
     shutil.copy(vtab_task / "test.txt", task / "test.txt")
     layers = str(tmp_path / "search/glora_search.json")
     assert main(["train", *common, "--opt", "stage=subnet", "--opt", f"layers={layers}",

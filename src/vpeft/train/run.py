@@ -271,8 +271,9 @@ def _run_standalone(spec: RunSpec, out: Path, config: vpeft.MethodConfig) -> dic
     out.mkdir(parents=True, exist_ok=True)
     for name, content in output.files.items():
         write_json_atomic(out / name, content)
-    if output.adapter is not None:
+    if output.adapter is not None:  # with the run's spec, as a training run's folder: `vpeft eval` reads both
         vpeft.save_adapter(output.adapter, out)
+        (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     record = {"status": "ok", "method": spec.method, "stage": stage.name, "mode": stage.name, "eval_split": split,
               "task": task.name, "model": spec.model, "seed": spec.train.seed, "wall_seconds": seconds,
               "stage_seconds": seconds, **output.record}  # fmt: skip
