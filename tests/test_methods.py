@@ -230,6 +230,8 @@ def _small_vit_closed_forms(d: int, depth: int, hidden: int, patch: int, prefix:
         "vpt_deep": depth * 50 * d,
         "linear": 0,
         "dora": depth * 2 * 2 * d * 8 + depth * 2 * d,
+        # shared rank 8 + task rank 8 on qkv (d -> 3d), proj (d -> d), fc1 (d -> hidden), fc2 (hidden -> d)
+        "mtlora": depth * (8 + 8) * ((d + 3 * d) + (d + d) + (d + hidden) + (hidden + d)),
         "repadapter": depth * 2 * (d * 8 + 8 + 4 * d + d),
         "convpass": depth * 2 * (d * 8 + 8 + 8 * 8 * 9 + 8 + 8 * d + d),
         "fact_tt": 2 * d * 16 + depth * (3 + 1 + 2 + 2) * 16 * 16,

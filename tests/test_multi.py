@@ -93,7 +93,8 @@ def test_mixed_batch_equals_each_adapter_alone(method: str, backbone: str, tmp_p
         for i, name in enumerate(names):
             alone = refs[name](x[i : i + 1])[0]  # the sample alone, through the adapter built on its own
             torch.testing.assert_close(rows[i], alone, atol=1e-6, rtol=1e-6)
-        for name, (index, logits) in out.groups.items():  # the same group through the reference: bit-identical
+        grouped = mm(x, adapter_names=names, single_pass=False)  # (auto runs all-LoRA batches in one pass)
+        for name, (index, logits) in grouped.groups.items():  # a group through the reference: bit-identical
             assert torch.equal(logits, refs[name](x[index]))
 
 
@@ -123,7 +124,10 @@ def test_copies_share_the_frozen_backbone(method: str, backbone: str) -> None:
     for key, value in base.state_dict().items():
         assert torch.equal(value, before[key]), key
     mm.eval()
-    assert torch.equal(b(x), out_b)
+    if vpeft.get_method(method).task_shared_parameters(b):  # MTLoRA: the shared update trains with every task
+        assert not torch.equal(b(x), out_b)
+    else:
+        assert torch.equal(b(x), out_b)
 
 
 def test_adapter_memory_is_the_adapters_own() -> None:

@@ -179,13 +179,31 @@ def _atomic_write(path: Path, write) -> None:
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a saved adapter, with a clear error if the folder is not one."""
-    path = Path(directory) / ADAPTER_CONFIG
+    folder = Path(directory)
+    path = folder / ADAPTER_CONFIG
     if not path.is_file():
+        if (folder / "peft" / ADAPTER_CONFIG).is_file():
+            raise AdapterMismatchError(
+                f"'{directory}' holds no vpeft adapter, only a peft export in its peft/ subfolder; load that with "
+                f"vpeft.import_from_peft(model, '{folder / 'peft'}'), or pass the folder vpeft.save_adapter wrote"
+            )
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in '{directory}'; pass the folder written by vpeft.save_adapter")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise AdapterMismatchError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from exc
+    if isinstance(config, dict) and "peft_type" in config:
+        raise AdapterMismatchError(
+            f"'{directory}' holds a Hugging Face peft adapter ({config.get('peft_type')}), not a vpeft one; "
+            f"import it with vpeft.import_from_peft(model, '{directory}') (LoRA and DoRA)"
+        )
+    missing = [k for k in ("method", "options", "backbone") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise AdapterMismatchError(
+            f"{path} is not a vpeft adapter config (no {', '.join(missing)}); pass a folder written by "
+            "vpeft.save_adapter (a peft folder imports with vpeft.import_from_peft)"
+        )
+    return config
 
 
 #: options whose default changed to follow the official code: an adapter saved without the option was

@@ -24,6 +24,7 @@ from vpeft.methods import (  # noqa: F401  (imported for registration)
     lorand,
     lst,
     mona,
+    mtlora,
     noah,
     partial_k,
     prefix,

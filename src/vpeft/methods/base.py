@@ -104,6 +104,11 @@ class Method:
         """Run :meth:`standalone_stage` with the backbone and data the runner provides."""
         raise NotImplementedError(f"method '{self.name}' has no standalone stage")
 
+    def task_shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Parameters, by name in ``model``, that every task's adapter of this method shares on one multi-task
+        backbone (MTLoRA's task-agnostic update; :class:`vpeft.multi.MultiAdapterModel` ties them). None for most."""
+        return {}
+
     def check_backbone(self, anatomy: Anatomy) -> None:
         if anatomy.family not in self.backbones:
             raise UnsupportedBackboneError(

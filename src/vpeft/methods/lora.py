@@ -206,6 +206,13 @@ class LoRALinear(BaseLayerWrapper):
             blocks.append(blocks[-1].new_zeros(self.base_layer.out_features - cursor, 0))
         return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
 
+    def add_update_rows_(self, out: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Add the update of batch rows ``index`` (rows of ``x``, the whole batch) into ``out`` in place: a mixed
+        batch's base layer runs once, each LoRA adds to its own rows (:mod:`vpeft.multi`; not for DoRA)."""
+        rows = self.dropout(x.index_select(0, index))
+        delta = F.linear(F.linear(rows, self._down_weight()), self._up_weight())
+        out.index_add_(0, index, delta.to(out.dtype))
+
     def delta_weight(self, index: int) -> torch.Tensor:
         return (self.lora_B[index] @ self.lora_A[index]) * self.scaling
 
@@ -239,6 +246,13 @@ class LoRAConv2d(DeltaWeightWrapper):
         conv = self.base_layer
         h = F.conv2d(self.dropout(x), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
         return conv(x) + F.conv2d(h, self.lora_B) * self.scaling
+
+    def add_update_rows_(self, out: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
+        """Add the update of batch rows ``index`` (rows of ``x``, the whole batch) into ``out`` in place."""
+        conv = self.base_layer
+        rows = self.dropout(x.index_select(0, index))
+        h = F.conv2d(rows, self.lora_A, None, conv.stride, conv.padding, conv.dilation)
+        out.index_add_(0, index, (F.conv2d(h, self.lora_B) * self.scaling).to(out.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         rank = self.lora_A.shape[0]

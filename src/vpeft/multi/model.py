@@ -8,13 +8,17 @@ its copy, so every method works unchanged. A method that trains existing backbon
 (BitFit, LN-tune, Partial-k, GPS's and SPT's chosen entries of existing tensors) gets private
 clones of exactly those parameters in its copy; the rest stays shared.
 
-Compared with peft's mixed batch (LoRA only: the base layer runs once on the whole batch, each
-adapter adds its low-rank update to its own rows), a mixed batch here is split into one group per
-adapter and each group runs through that adapter's copy: every sample passes the shared frozen
-weights once, but the frozen matmuls run once per group, not once for the whole batch. This is
-what lets methods that change the token count (VPT, prefix) or the residual stream (adapters,
-side networks) route per sample. For batches of LoRA adapters only, see
-:func:`vpeft.multi.lora_single_pass` (the base layers on the whole batch, per-group deltas).
+A mixed batch (an adapter name per sample) runs one of two ways. *Single pass*, as peft's
+``adapter_names``: when every adapter in the batch is an additive low-rank update (LoRA, MTLoRA; see
+:mod:`vpeft.multi.single_pass`), each frozen layer runs once on the whole batch and each adapter adds
+its update to its own rows; then each group's rows go through its own head. *Grouped*, for every
+other method: the batch is split into one group per adapter and each group runs through that
+adapter's copy (every sample passes the shared frozen weights once, but the frozen matmuls run once
+per group); this is what routes VPT's tokens, prefixes and residual adapters per sample.
+
+Methods whose adapters share trained tensors across tasks (MTLoRA's task-agnostic update: see
+:meth:`vpeft.methods.base.Method.task_shared_parameters`) get those tensors tied: every adapter of
+that method on this backbone holds the same ``nn.Parameter`` objects, trained by all their tasks.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from vpeft.api import apply, get_state, read_adapter_config, save_adapter, train
 from vpeft.api import load_adapter as _load_into
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.methods.base import MethodConfig, get_method
+from vpeft.multi.single_pass import Router, routable_wrappers
 
 #: the adapter name that means "no adapter": the plain backbone with its own head (as in peft)
 BASE = "__base__"
@@ -109,8 +114,16 @@ class MultiAdapterModel(nn.Module):
         self.backbone = backbone
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
-        #: parameters shared by every copy although they train (the shared LoRA of an MTLoRA model)
-        self._shared_trainable: list[nn.Parameter] = []
+        #: method -> its tied task-shared parameters (MTLoRA's shared update), by name in each adapter's model
+        self._shared: dict[str, dict[str, nn.Parameter]] = {}
+        #: method -> the options its adapters must agree on to share those parameters
+        self._shared_options: dict[str, dict[str, Any]] = {}
+        self._router: tuple[tuple, Router] | None = None
+
+    @property
+    def _shared_trainable(self) -> list[nn.Parameter]:
+        """Parameters shared by several adapters although they train (MTLoRA's task-agnostic update)."""
+        return [p for group in self._shared.values() for p in group.values()]
 
     # ------------------------------------------------------------ building copies
 
@@ -148,17 +161,52 @@ class MultiAdapterModel(nn.Module):
         for p in self.backbone.parameters():
             p.requires_grad_(id(p) in keep)
 
+    def _tie_shared(self, clone: nn.Module, *, check_values: bool) -> None:
+        """Make the copy's task-shared parameters (if its method has any) the ones every adapter of its method
+        holds; the first such adapter provides them. ``check_values``: a loaded adapter must carry equal values."""
+        state = get_state(clone)
+        impl = get_method(state.method)
+        params = impl.task_shared_parameters(clone)
+        if not params:
+            return
+        signature = getattr(state.config, "shared_signature", lambda: {})()
+        group = self._shared.get(state.method)
+        if group is None:
+            self._shared[state.method] = dict(params)
+            self._shared_options[state.method] = signature
+            return
+        if signature != self._shared_options[state.method] or set(params) != set(group):
+            raise ConfigError(
+                f"{state.method} adapters on one backbone share their task-agnostic update, so they need the same "
+                f"{sorted(signature)}: this one has {signature}, the others {self._shared_options[state.method]}"
+            )
+        for pname, p in params.items():
+            mine = group[pname]
+            if p.shape != mine.shape:
+                raise ConfigError(
+                    f"{state.method}: shared '{pname}' is {tuple(p.shape)} here, {tuple(mine.shape)} in the others"
+                )
+            if check_values and not torch.equal(p.detach(), mine.detach()):
+                raise ConfigError(
+                    f"this {state.method} adapter's shared update ('{pname}' ...) differs from the one the adapters "
+                    "on this backbone share: load adapters saved from the same multi-task model, or start a new one"
+                )
+            parent, _, leaf = pname.rpartition(".")
+            clone.get_submodule(parent)._parameters[leaf] = mine
+
     def _check_name(self, name: str) -> None:
         if not name or "." in name or name == BASE:
             raise ConfigError(f"adapter name '{name}' is not allowed: no dots, not empty, not '{BASE}'")
         if name in self.adapters:
             raise ConfigError(f"adapter '{name}' exists; delete_adapter('{name}') first or pick another name")
 
-    def _install(self, name: str, clone: nn.Module, build) -> nn.Module:
+    def _install(self, name: str, clone: nn.Module, build, *, tie: bool = True) -> nn.Module:
         try:
             build(clone)
         finally:  # whatever the method did to the shared tensors' flags, the backbone stays frozen
             self._unshare_trained(clone)
+        if tie:
+            self._tie_shared(clone, check_values=False)
         for p in self._shared_trainable:
             p.requires_grad_(True)
         self.adapters[name] = clone
@@ -198,14 +246,19 @@ class MultiAdapterModel(nn.Module):
         clone = self._shallow_copy(int(saved["backbone"]["num_classes"]))
         # apply first, so that the weights load into the copy's private clones, never into shared tensors
         self._install(
-            name, clone, lambda m: apply(m, saved["method"], **_legacy_options(saved["method"], saved["options"]))
+            name,
+            clone,
+            lambda m: apply(m, saved["method"], **_legacy_options(saved["method"], saved["options"])),
+            tie=False,  # task-shared tensors are tied after loading, once their values are known
         )
         try:
             _load_into(clone, directory)
+            self._tie_shared(clone, check_values=True)
         except Exception:
             del self.adapters[name]
             if self.active_adapter == name:
                 self.active_adapter = next(iter(self.adapters), None)
+            self._drop_unused_shared()
             raise
         return clone
 
@@ -230,6 +283,12 @@ class MultiAdapterModel(nn.Module):
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
+        self._drop_unused_shared()
+
+    def _drop_unused_shared(self) -> None:
+        methods = {get_state(m).method for m in self.adapters.values()}
+        for method in set(self._shared) - methods:
+            del self._shared[method], self._shared_options[method]
 
     def get_adapter(self, name: str) -> nn.Module:
         """Adapter ``name``'s model: a timm model whose frozen weights are the backbone's own tensors.
@@ -246,14 +305,18 @@ class MultiAdapterModel(nn.Module):
 
     def trainable_parameters(self, names: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
         """Every adapter's trainable parameters (methods and heads), keyed ``<adapter>.<parameter>``,
-        plus any shared trainable ones (``shared.<name>``)."""
+        plus the task-shared ones of their methods once each (``shared.<method>.<parameter>``)."""
         out: dict[str, nn.Parameter] = {}
-        for name in names if names is not None else self.adapters:
+        shared = {id(p) for p in self._shared_trainable}
+        chosen = list(names) if names is not None else list(self.adapters)
+        for name in chosen:
             for pname, p in trainable_parameters(self.get_adapter(name)).items():
-                if all(p is not q for q in self._shared_trainable):
+                if id(p) not in shared:
                     out[f"{name}.{pname}"] = p
-        for i, p in enumerate(self._shared_trainable):
-            out[f"shared.{i}"] = p
+        methods = {get_state(self.get_adapter(n)).method for n in chosen}
+        for method, group in self._shared.items():
+            if method in methods:
+                out.update({f"shared.{method}.{pname}": p for pname, p in group.items()})
         return out
 
     def train(self, mode: bool = True) -> MultiAdapterModel:
@@ -284,17 +347,74 @@ class MultiAdapterModel(nn.Module):
     def model_for(self, name: str | None) -> nn.Module:
         return self.backbone if name is None or name == BASE else self.get_adapter(name)
 
-    def forward(self, x: torch.Tensor, adapter_names: Sequence[str | None] | None = None) -> torch.Tensor | MixedOutput:
-        """Logits of the active adapter, or with ``adapter_names`` (one per sample) a :class:`MixedOutput`."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        adapter_names: Sequence[str | None] | None = None,
+        *,
+        single_pass: bool | None = None,
+    ) -> torch.Tensor | MixedOutput:
+        """Logits of the active adapter, or with ``adapter_names`` (one per sample) a :class:`MixedOutput`.
+
+        ``single_pass``: None (default) runs the frozen layers once on the whole batch when every adapter
+        in it is single-pass capable (:meth:`single_pass_capable`), else one pass per group; True insists
+        on the single pass (an error names the adapters that cannot), False always groups."""
         if adapter_names is None:
             return self.model_for(self.active_adapter)(x)
         if len(adapter_names) != x.shape[0]:
             raise ConfigError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]}")
-        groups = {}
-        for name, index in self.groups(adapter_names, x.device).items():
+        groups = self.groups(adapter_names, x.device)
+        if single_pass is not False:
+            router = self._single_pass_router()
+            unable = sorted(n for n in groups if n != BASE and n not in router[0])
+            if not unable:
+                return self._forward_single_pass(x, groups, router[1])
+            if single_pass:
+                raise ConfigError(
+                    f"adapters {unable} cannot run in a single pass (not additive low-rank updates: "
+                    "LoRA, MTLoRA); use single_pass=None or False to run them in groups"
+                )
+        out = {}
+        for name, index in groups.items():
             part = x if len(index) == x.shape[0] else x.index_select(0, index)
-            groups[name] = (index, self.model_for(name)(part))
-        return MixedOutput(groups, x.shape[0])
+            out[name] = (index, self.model_for(name)(part))
+        return MixedOutput(out, x.shape[0])
+
+    def single_pass_capable(self) -> list[str]:
+        """The adapters a mixed batch can serve in one pass of the frozen layers (additive low-rank updates)."""
+        return sorted(self._single_pass_router()[0])
+
+    def _single_pass_router(self) -> tuple[tuple, Router]:
+        """(names of the single-pass adapters, the router); rebuilt when adapters or the backbone's buffers change."""
+        key = (
+            tuple((n, id(m)) for n, m in self.adapters.items()),
+            tuple(id(b) for b in self.backbone.buffers()),
+            tuple(p.device for p in self.backbone.parameters())[:1],
+        )
+        if self._router is None or self._router[0] != key:
+            wrappers = {}
+            for name, model in self.adapters.items():
+                found = routable_wrappers(self.backbone, model)
+                if found is not None:
+                    wrappers[name] = found
+            object.__setattr__(self, "_router", (key, (tuple(wrappers), Router(self.backbone, wrappers))))
+        return self._router[1]
+
+    def _forward_single_pass(self, x: torch.Tensor, groups: dict[str, torch.Tensor], router: Router) -> MixedOutput:
+        model = router.model
+        if model.training != self.training:
+            model.train(self.training)
+            if self.training:
+                shared = self._shared_ids()
+                for m in model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(id(b) in shared for b in m.buffers()):
+                        m.eval()
+        features = router.features(x, groups)
+        out = {}
+        for name, index in groups.items():
+            rows = features if len(index) == x.shape[0] else features.index_select(0, index)
+            out[name] = (index, self.model_for(name).forward_head(rows))
+        return MixedOutput(out, x.shape[0])
 
     def shared_bytes(self) -> int:
         """Bytes of the backbone's tensors, held once however many adapters there are."""

@@ -1,0 +1,132 @@
+"""Single-pass mixed batches for additive low-rank adapters (peft's ``adapter_names`` semantics).
+
+Every frozen layer runs once on the whole mixed batch; at each layer some adapter adapts, that
+adapter adds its low-rank update to its own samples' rows only (``index_select`` of its rows, two
+small matmuls, ``index_add_``). It applies to adapters whose model differs from the backbone only by
+wrappers of the types in :data:`ROUTABLE` (LoRA on Linear and Conv2d, MTLoRA) and by the head: the
+update is then a sum added to the frozen layer's output, so the rows of other tasks stay exact.
+Methods that change the token count or the residual stream (VPT, prefix, adapters, SSF's
+rescaling, DoRA's per-row magnitude) are not additive in that sense and use the grouped path.
+
+A layer whose input folds other dimensions into the batch (Swin's windows: ``B * windows`` rows,
+sample-major) gets each sample's rows as a contiguous run of ``rows / B``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from vpeft.anatomy import describe
+from vpeft.methods.base import BaseLayerWrapper, replace_module
+from vpeft.methods.lora import LoRAConv2d, LoRALinear
+from vpeft.methods.mtlora import MTLoRALinear
+
+#: wrapper types whose update is added to the frozen layer's output (exact types: DoRA's subclass is not)
+ROUTABLE: tuple[type[nn.Module], ...] = (LoRALinear, LoRAConv2d, MTLoRALinear)
+
+
+def routable_wrappers(backbone: nn.Module, model: nn.Module) -> dict[str, nn.Module] | None:
+    """Module name -> wrapper of an adapter's model, or None when the model differs from the backbone by
+    anything else than routable wrappers and its head (then a mixed batch needs the grouped path)."""
+    if type(model) is not type(backbone):
+        return None
+    anatomy = describe(backbone)
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, BaseLayerWrapper)}
+    if any(type(m) not in ROUTABLE for m in wrappers.values()):
+        return None
+    own = dict(backbone.named_modules())
+    inside = lambda name: any(name == w or name.startswith(w + ".") for w in wrappers)  # noqa: E731
+    for name, module in model.named_modules():
+        if anatomy.is_head_param(name) and name:
+            continue
+        if "forward" in vars(module):  # a method that patched a module's forward
+            return None
+        if name in wrappers:
+            if type(own.get(name)) is not type(module.base_layer):
+                return None
+        elif not inside(name) and type(own.get(name)) is not type(module):
+            return None
+    shared = {n: p for n, p in [*backbone.named_parameters(), *backbone.named_buffers()]}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if anatomy.is_head_param(name):
+            continue
+        wrapper = next((w for w in wrappers if name.startswith(w + ".")), None)
+        if wrapper is not None:
+            rest = name[len(wrapper) + 1 :]
+            if not rest.startswith("base_layer."):
+                continue  # the wrapper's own low-rank factors
+            name = f"{wrapper}.{rest[len('base_layer.') :]}"
+        if shared.get(name) is not tensor:
+            return None  # a trained copy of a backbone tensor (BitFit ...) or a tensor the backbone lacks
+    return wrappers
+
+
+class Routing:
+    """The groups of the mixed batch being run: adapter name -> its samples' batch positions."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, torch.Tensor] = {}
+        self.batch = 0
+        self._expanded: dict[int, dict[str, torch.Tensor]] = {}
+
+    def set(self, groups: dict[str, torch.Tensor], batch: int) -> None:
+        self.groups, self.batch, self._expanded = groups, batch, {}
+
+    def rows(self, n: int) -> dict[str, torch.Tensor]:
+        """The groups as rows of a layer input with ``n`` rows (``n`` a multiple of the batch, sample-major)."""
+        if n == self.batch:
+            return self.groups
+        if n % self.batch:
+            raise RuntimeError(f"a layer's input has {n} rows, not a multiple of the batch {self.batch}")
+        if n not in self._expanded:
+            k = n // self.batch
+            self._expanded[n] = {
+                name: (index[:, None] * k + torch.arange(k, device=index.device)).flatten()
+                for name, index in self.groups.items()
+            }
+        return self._expanded[n]
+
+
+class RoutedLayer(nn.Module):
+    """A frozen layer run once on the whole batch, plus each adapter's update on its own rows."""
+
+    def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "routing", routing)
+        object.__setattr__(self, "updates", {})  # adapter -> wrapper (owned by the adapter's model, not here)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        for name, index in self.routing.rows(x.shape[0]).items():
+            wrapper = self.updates.get(name)
+            if wrapper is not None:
+                wrapper.add_update_rows_(out, x, index)
+        return out
+
+
+class Router:
+    """The backbone once (its frozen tensors by identity), with a :class:`RoutedLayer` wherever an adapter adapts."""
+
+    def __init__(self, backbone: nn.Module, adapters: dict[str, dict[str, nn.Module]]) -> None:
+        memo: dict[int, Any] = {id(t): t for t in [*backbone.parameters(), *backbone.buffers()]}
+        self.model = copy.deepcopy(backbone, memo)
+        self.routing = Routing()
+        layers: dict[str, RoutedLayer] = {}
+        for adapter, wrappers in adapters.items():
+            for name, wrapper in wrappers.items():
+                if name not in layers:
+                    layers[name] = RoutedLayer(self.model.get_submodule(name), self.routing)
+                    replace_module(self.model, name, layers[name])
+                layers[name].updates[adapter] = wrapper
+
+    def features(self, x: torch.Tensor, groups: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.routing.set(groups, x.shape[0])
+        try:
+            return self.model.forward_features(x)
+        finally:
+            self.routing.set({}, 0)
