@@ -178,8 +178,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The JSON config of a saved adapter, with a clear error if the folder is not one."""
-    folder = Path(directory)
+    """The JSON config of a saved adapter, with a clear error if the folder is not one.
+
+    ``directory`` may be ``hf-hub:<repo id>[@revision]``: the adapter is fetched through huggingface_hub."""
+    from vpeft.hub import resolve_adapter
+
+    folder = directory = resolve_adapter(directory)
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         if (folder / "peft" / ADAPTER_CONFIG).is_file():
@@ -217,7 +221,12 @@ def _legacy_defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Apply the saved method to ``model`` (a fresh timm model of the same backbone) and load its weights."""
+    """Apply the saved method to ``model`` (a fresh timm model of the same backbone) and load its weights.
+
+    ``directory`` is a folder written by :func:`save_adapter`, or ``hf-hub:<repo id>[@revision]`` (``vpeft push``)."""
+    from vpeft.hub import resolve_adapter
+
+    directory = resolve_adapter(directory)
     saved = read_adapter_config(directory)
     expected = saved["backbone"]
     state = get_state(model)

@@ -1,4 +1,4 @@
-"""The ``vpeft`` command line: methods, params, tasks, train, eval, bench, report."""
+"""The ``vpeft`` command line: methods, params, tasks, train, train-multi, eval, bench, report, compare, push."""
 
 from __future__ import annotations
 
@@ -350,6 +350,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from vpeft.hub import push_adapter
+
+    result = push_adapter(args.folder, args.repo_id, private=args.private, token=args.token,
+                          commit_message=args.message, dry_run=args.dry_run)  # fmt: skip
+    total = sum(size for _, size in result["files"])
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(result['files'])} files ({total / 2**20:.2f} MB) from {args.folder} to {result['repo_id']}:")
+    for name, size in result["files"]:
+        print(f"  {name:40s} {size:>12,} bytes")
+    if result["url"]:
+        print(f"-> {result['url']}; load it with vpeft.load_adapter(model, 'hf-hub:{result['repo_id']}')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpeft", description=vpeft.__doc__)
     parser.add_argument("--version", action="version", version=f"vpeft {vpeft.__version__}")
@@ -418,9 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also write both runs' curves side by side to this PNG")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser(
+        "push", help="upload a saved adapter folder (weights, config, model card) to the Hugging Face Hub"
+    )
+    p.add_argument("folder", help="a run folder or a folder written by vpeft.save_adapter (with its README.md card)")
+    p.add_argument("repo_id", help="Hub repository: <user or organisation>/<name> (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", help="Hub token (default: the login of `hf auth login` or HF_TOKEN)")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
+    p.set_defaults(func=_cmd_push)
+
     p = sub.add_parser("eval", help="accuracy of a saved adapter on a task split")
     p.add_argument("--model", required=True, help="the backbone the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="run folder holding adapter.safetensors")
+    p.add_argument("--adapter", required=True, help="run folder holding adapter.safetensors, or hf-hub:<repo id>")
     p.add_argument("--data", required=True, help="dataset spec")
     p.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"], help="split to score")
     p.add_argument("--no-pretrained", action="store_true", help="the adapter was trained on a random-init backbone")

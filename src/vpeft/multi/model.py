@@ -238,8 +238,12 @@ class MultiAdapterModel(nn.Module):
         return self._install(name, clone, lambda m: apply(m, method, data=data, **options))
 
     def load_adapter(self, name: str, directory: str | os.PathLike) -> nn.Module:
-        """Add adapter ``name`` from a folder written by :func:`vpeft.save_adapter` (its head's class count included)."""
+        """Add adapter ``name`` from a folder written by :func:`vpeft.save_adapter` (its head's class count included),
+        or from ``hf-hub:<repo id>``."""
+        from vpeft.hub import resolve_adapter
+
         self._check_name(name)
+        directory = resolve_adapter(directory)  # an hf-hub: id is fetched once
         saved = read_adapter_config(directory)
         if saved["method"] in NOT_SHAREABLE:
             raise ConfigError(f"method '{saved['method']}' cannot share a backbone: {NOT_SHAREABLE[saved['method']]}")

@@ -538,6 +538,9 @@ def evaluate_adapter(
     Refuses an adapter whose head does not fit the task's class count; warns (``warnings`` in the
     result) when the split was part of the adapter's training data.
     """
+    from vpeft.hub import resolve_adapter
+
+    adapter_dir = resolve_adapter(adapter_dir)  # a folder, or hf-hub:<repo id> fetched once
     saved = vpeft.read_adapter_config(adapter_dir)
     num_classes = saved["backbone"]["num_classes"]
     task = load_task(data)
