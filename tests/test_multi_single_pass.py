@@ -131,3 +131,26 @@ def test_router_follows_adapter_changes() -> None:
         mm.set_adapter("b")
         torch.testing.assert_close(after[1], mm(x[1:2])[0], atol=1e-6, rtol=1e-6)
     assert torch.equal(before[0], after[0]) and after[1].shape != before[1].shape
+
+
+def test_single_pass_gathers_the_input_once_and_nothing_per_layer() -> None:
+    """One index_select of the input images (the batch put in adapter order); no per-layer gather or scatter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    mm = build("vit", [("a", "lora", {}), ("b", "mtlora", {}), ("c", "lora", {"targets": ["qkv", "fc1"]})])
+    x = make_input(6)
+    with torch.no_grad():
+        for routing, gathers in ((["a", "a", "b", "c", "c", BASE], 0), (["c", "a", "b", "a", BASE, "c"], 1)):
+            with Ops() as ops:
+                mm(x, adapter_names=routing, single_pass=True)
+            assert ops.names.count("index_select") == gathers, routing
+            assert not {"index_add", "index_add_", "index_put", "index_put_", "index"} & set(ops.names)

@@ -206,12 +206,16 @@ class LoRALinear(BaseLayerWrapper):
             blocks.append(blocks[-1].new_zeros(self.base_layer.out_features - cursor, 0))
         return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
 
-    def add_update_rows_(self, out: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
-        """Add the update of batch rows ``index`` (rows of ``x``, the whole batch) into ``out`` in place: a mixed
-        batch's base layer runs once, each LoRA adds to its own rows (:mod:`vpeft.multi`; not for DoRA)."""
-        rows = self.dropout(x.index_select(0, index))
-        delta = F.linear(F.linear(rows, self._down_weight()), self._up_weight())
-        out.index_add_(0, index, delta.to(out.dtype))
+    def add_update_span_(self, out: torch.Tensor, x: torch.Tensor, start: int, end: int) -> None:
+        """Add the update of rows ``start:end`` of ``x`` into the same rows of ``out`` (this layer's frozen output)
+        in place: a mixed batch sorted by adapter runs the base layer once and each LoRA on its own rows
+        (:mod:`vpeft.multi.single_pass`; not for DoRA). Views and in-place matmuls only, no copy."""
+        rows = self.dropout(x[start:end])
+        low = F.linear(rows, self._down_weight()).reshape(-1, self.lora_A[0].shape[0] * len(self.slices))
+        target = out[start:end].view(-1, out.shape[-1])
+        lows = low.split(self.lora_A[0].shape[0], dim=1) if len(self.slices) > 1 else [low]
+        for (s, e), low_i, b in zip(self.slices, lows, self.lora_B, strict=True):
+            target[:, s:e].addmm_(low_i.to(out.dtype), b.t().to(out.dtype))
 
     def delta_weight(self, index: int) -> torch.Tensor:
         return (self.lora_B[index] @ self.lora_A[index]) * self.scaling
@@ -247,12 +251,11 @@ class LoRAConv2d(DeltaWeightWrapper):
         h = F.conv2d(self.dropout(x), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
         return conv(x) + F.conv2d(h, self.lora_B) * self.scaling
 
-    def add_update_rows_(self, out: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
-        """Add the update of batch rows ``index`` (rows of ``x``, the whole batch) into ``out`` in place."""
+    def add_update_span_(self, out: torch.Tensor, x: torch.Tensor, start: int, end: int) -> None:
+        """Add the update of batch rows ``start:end`` of ``x`` into the same rows of ``out`` in place."""
         conv = self.base_layer
-        rows = self.dropout(x.index_select(0, index))
-        h = F.conv2d(rows, self.lora_A, None, conv.stride, conv.padding, conv.dilation)
-        out.index_add_(0, index, (F.conv2d(h, self.lora_B) * self.scaling).to(out.dtype))
+        h = F.conv2d(self.dropout(x[start:end]), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
+        out[start:end].add_(F.conv2d(h, self.lora_B).to(out.dtype), alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         rank = self.lora_A.shape[0]

@@ -131,13 +131,17 @@ class MTLoRALinear(BaseLayerWrapper):
         up = _block_rows(self.slices, b_list, self.base_layer.out_features)
         return out + F.linear(low, up)
 
-    def add_update_rows_(self, out: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> None:
-        """Add the update of batch rows ``index`` (rows of ``x``, the whole batch) into ``out`` in place."""
-        rows = self.dropout(x.index_select(0, index))
+    def add_update_span_(self, out: torch.Tensor, x: torch.Tensor, start: int, end: int) -> None:
+        """Add the update of rows ``start:end`` of ``x`` into the same rows of ``out`` in place (views and
+        in-place matmuls only: :mod:`vpeft.multi.single_pass`)."""
         a_list, b_list = self.factors()
+        rows = self.dropout(x[start:end])
         low = F.linear(rows, a_list[0] if len(a_list) == 1 else torch.cat(a_list))
-        delta = F.linear(low, _block_rows(self.slices, b_list, self.base_layer.out_features))
-        out.index_add_(0, index, delta.to(out.dtype))
+        low = low.reshape(-1, low.shape[-1])
+        target = out[start:end].view(-1, out.shape[-1])
+        lows = low.split([a.shape[0] for a in a_list], dim=1) if len(a_list) > 1 else [low]
+        for (s, e), low_i, b in zip(self.slices, lows, b_list, strict=True):
+            target[:, s:e].addmm_(low_i.to(out.dtype), b.t().to(out.dtype))
 
     def delta_weight(self, index: int) -> torch.Tensor:
         a_list, b_list = self.factors()

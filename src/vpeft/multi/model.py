@@ -340,13 +340,16 @@ class MultiAdapterModel(nn.Module):
         self, adapter_names: Sequence[str | None], device: torch.device | None = None
     ) -> dict[str, torch.Tensor]:
         """Adapter name -> the batch positions of its samples (None counts as ``BASE``), in first-seen order."""
+        return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in self._positions(adapter_names).items()}
+
+    def _positions(self, adapter_names: Sequence[str | None]) -> dict[str, list[int]]:
         positions: dict[str, list[int]] = {}
         for i, name in enumerate(adapter_names):
             key = BASE if name is None else name
             if key != BASE:
                 self.get_adapter(key)
             positions.setdefault(key, []).append(i)
-        return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in positions.items()}
+        return positions
 
     def model_for(self, name: str | None) -> nn.Module:
         return self.backbone if name is None or name == BASE else self.get_adapter(name)
@@ -367,12 +370,13 @@ class MultiAdapterModel(nn.Module):
             return self.model_for(self.active_adapter)(x)
         if len(adapter_names) != x.shape[0]:
             raise ConfigError(f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0]}")
-        groups = self.groups(adapter_names, x.device)
+        positions = self._positions(adapter_names)
+        groups = {k: torch.tensor(v, dtype=torch.long, device=x.device) for k, v in positions.items()}
         if single_pass is not False:
             router = self._single_pass_router()
             unable = sorted(n for n in groups if n != BASE and n not in router[0])
             if not unable:
-                return self._forward_single_pass(x, groups, router[1])
+                return self._forward_single_pass(x, positions, groups, router[1])
             if single_pass:
                 raise ConfigError(
                     f"adapters {unable} cannot run in a single pass (not additive low-rank updates: "
@@ -404,7 +408,9 @@ class MultiAdapterModel(nn.Module):
             object.__setattr__(self, "_router", (key, (tuple(wrappers), Router(self.backbone, wrappers))))
         return self._router[1]
 
-    def _forward_single_pass(self, x: torch.Tensor, groups: dict[str, torch.Tensor], router: Router) -> MixedOutput:
+    def _forward_single_pass(
+        self, x: torch.Tensor, positions: dict[str, list[int]], groups: dict[str, torch.Tensor], router: Router
+    ) -> MixedOutput:
         model = router.model
         if model.training != self.training:
             model.train(self.training)
@@ -413,11 +419,19 @@ class MultiAdapterModel(nn.Module):
                 for m in model.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(id(b) in shared for b in m.buffers()):
                         m.eval()
-        features = router.features(x, groups)
+        # the batch in adapter order (groups keep first-seen order): each adapter's samples one run of rows
+        order = [i for rows in positions.values() for i in rows]
+        spans, start = {}, 0
+        for name, rows in positions.items():
+            spans[name] = (start, start + len(rows))
+            start += len(rows)
+        if order != list(range(len(order))):  # one gather of the input images, not one per layer
+            x = x.index_select(0, torch.tensor(order, dtype=torch.long, device=x.device))
+        features = router.features(x, spans)
         out = {}
         for name, index in groups.items():
-            rows = features if len(index) == x.shape[0] else features.index_select(0, index)
-            out[name] = (index, self.model_for(name).forward_head(rows))
+            s, e = spans[name]
+            out[name] = (index, self.model_for(name).forward_head(features[s:e]))
         return MixedOutput(out, x.shape[0])
 
     def shared_bytes(self) -> int:

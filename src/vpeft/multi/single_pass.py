@@ -1,12 +1,17 @@
 """Single-pass mixed batches for additive low-rank adapters (peft's ``adapter_names`` semantics).
 
-Every frozen layer runs once on the whole mixed batch; at each layer some adapter adapts, that
-adapter adds its low-rank update to its own samples' rows only (``index_select`` of its rows, two
-small matmuls, ``index_add_``). It applies to adapters whose model differs from the backbone only by
-wrappers of the types in :data:`ROUTABLE` (LoRA on Linear and Conv2d, MTLoRA) and by the head: the
-update is then a sum added to the frozen layer's output, so the rows of other tasks stay exact.
-Methods that change the token count or the residual stream (VPT, prefix, adapters, SSF's
-rescaling, DoRA's per-row magnitude) are not additive in that sense and use the grouped path.
+The batch is put in adapter order once (one gather of the input images, skipped when it already is),
+so each adapter's samples are a contiguous run of rows. Every frozen layer then runs once on the whole
+batch, and at each layer an adapter adapts, that adapter adds its low-rank update to its own run of
+rows: views of the layer's input and output, one small down-projection and an in-place ``addmm_`` per
+output slice, no per-layer gather, scatter or full-size copy. Each group's features then go through
+its own head (a view again), and the logits keep the caller's batch positions.
+
+It applies to adapters whose model differs from the backbone only by wrappers of the types in
+:data:`ROUTABLE` (LoRA on Linear and Conv2d, MTLoRA) and by the head: their update is a sum added to
+the frozen layer's output, so the rows of other tasks stay exact. Methods that change the token count
+or the residual stream (VPT, prefix, adapters, SSF's rescaling, DoRA's per-row magnitude) are not
+additive in that sense and use the grouped path.
 
 A layer whose input folds other dimensions into the batch (Swin's windows: ``B * windows`` rows,
 sample-major) gets each sample's rows as a contiguous run of ``rows / B``.
@@ -66,33 +71,18 @@ def routable_wrappers(backbone: nn.Module, model: nn.Module) -> dict[str, nn.Mod
 
 
 class Routing:
-    """The groups of the mixed batch being run: adapter name -> its samples' batch positions."""
+    """The mixed batch being run, in adapter order: adapter name -> its run of rows ``(start, end)``."""
 
     def __init__(self) -> None:
-        self.groups: dict[str, torch.Tensor] = {}
+        self.spans: dict[str, tuple[int, int]] = {}
         self.batch = 0
-        self._expanded: dict[int, dict[str, torch.Tensor]] = {}
 
-    def set(self, groups: dict[str, torch.Tensor], batch: int) -> None:
-        self.groups, self.batch, self._expanded = groups, batch, {}
-
-    def rows(self, n: int) -> dict[str, torch.Tensor]:
-        """The groups as rows of a layer input with ``n`` rows (``n`` a multiple of the batch, sample-major)."""
-        if n == self.batch:
-            return self.groups
-        if n % self.batch:
-            raise RuntimeError(f"a layer's input has {n} rows, not a multiple of the batch {self.batch}")
-        if n not in self._expanded:
-            k = n // self.batch
-            self._expanded[n] = {
-                name: (index[:, None] * k + torch.arange(k, device=index.device)).flatten()
-                for name, index in self.groups.items()
-            }
-        return self._expanded[n]
+    def set(self, spans: dict[str, tuple[int, int]], batch: int) -> None:
+        self.spans, self.batch = spans, batch
 
 
 class RoutedLayer(nn.Module):
-    """A frozen layer run once on the whole batch, plus each adapter's update on its own rows."""
+    """A frozen layer run once on the whole batch, plus each adapter's update on its own run of rows."""
 
     def __init__(self, base_layer: nn.Module, routing: Routing) -> None:
         super().__init__()
@@ -102,10 +92,14 @@ class RoutedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        for name, index in self.routing.rows(x.shape[0]).items():
+        batch = self.routing.batch
+        if x.shape[0] % batch:
+            raise RuntimeError(f"a layer's input has {x.shape[0]} rows, not a multiple of the batch {batch}")
+        k = x.shape[0] // batch  # rows per sample (Swin: windows), sample-major
+        for name, (start, end) in self.routing.spans.items():
             wrapper = self.updates.get(name)
             if wrapper is not None:
-                wrapper.add_update_rows_(out, x, index)
+                wrapper.add_update_span_(out, x, start * k, end * k)
         return out
 
 
@@ -124,8 +118,9 @@ class Router:
                     replace_module(self.model, name, layers[name])
                 layers[name].updates[adapter] = wrapper
 
-    def features(self, x: torch.Tensor, groups: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.routing.set(groups, x.shape[0])
+    def features(self, x: torch.Tensor, spans: dict[str, tuple[int, int]]) -> torch.Tensor:
+        """``forward_features`` of a batch in adapter order, each adapter's update on its ``spans`` rows."""
+        self.routing.set(spans, x.shape[0])
         try:
             return self.model.forward_features(x)
         finally:
