@@ -222,6 +222,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: MultiTaskSpec fields with hand-written flags (--data repeated, --opt, --model-arg) or none (the recipe)
+_MULTI_SPECIAL = ("data", "options", "model_args", "train")
+
+
+def _cmd_train_multi(args: argparse.Namespace) -> int:
+    from vpeft.multi.run import MultiTaskSpec, run_multitask
+    from vpeft.train import TrainConfig
+
+    train = {k: getattr(args, k) for k in _train_fields() if getattr(args, k, None) is not None}
+    base = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(MultiTaskSpec)
+        if f.name not in _MULTI_SPECIAL and getattr(args, f.name, None) is not None
+    }
+    spec = MultiTaskSpec(**base, data=args.data, options=_parse_opts(args.opt),
+                         model_args=_parse_model_args(args.model_arg), train=TrainConfig(**train))  # fmt: skip
+    records = run_multitask(spec, args.out, progress=not args.quiet)
+    first = records[0]
+    what = "already finished" if first.get("reused") else f"{first['train_seconds']:.1f}s"
+    print(f"{spec.method} multi-task run {first['multitask']['run_key']} on {len(records)} tasks ({spec.mode}, "
+          f"{first['eval_split']}), {first['multitask']['trainable_params_total']:,} trainable (w/o heads), {what}:")  # fmt: skip
+    for r in records:
+        print(f"  {r['task']}: top-1 {r['top1']:.2f}%  (its model: {r['trainable_params']:,} trainable w/o head)")
+    print(f"-> {args.out}/runs/{spec.method}+multitask/<task>/; `vpeft report {args.out}` shows delta-m beside "
+          "single-task runs of the same tasks")  # fmt: skip
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vpeft.train import evaluate_adapter
 
@@ -330,7 +358,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from vpeft.report import write_report
 
-    paths = write_report(args.out, html=args.html, curves=not args.no_curves)
+    paths = write_report(args.out, html=args.html, curves=not args.no_curves, delta_m_baseline=args.delta_m_baseline)
     print(paths["markdown"].read_text())
     print(f"leaderboard: {paths['markdown']} and {paths['csv']}; Pareto plot: {paths['plot']}")
     if "curves" in paths:
@@ -399,6 +427,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, TrainConfig, "training recipe (YAML key `train:`)")
     p.set_defaults(func=_cmd_train)
 
+    from vpeft.multi.run import MultiTaskSpec
+
+    p = sub.add_parser("train-multi", help="train one adapter per task jointly on one backbone (mixed batches)")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="a task's dataset spec, repeat per task (vtab1k:<dir>, fgvc:<dir>, folder:<dir>, mini:<task>)",
+    )
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, repeatable, the same for every task (`vpeft methods --options`)",
+    )
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="timm.create_model kwarg")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (a bench folder: its report then shows delta-m); runs go to runs/<method>+multitask/",
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")  # fmt: skip
+    _add_dataclass_flags(p, MultiTaskSpec, "multi-task run options", exclude=_MULTI_SPECIAL)
+    _add_dataclass_flags(p, TrainConfig, "training recipe (batch-size: the mixed batch, split equally over the tasks)")
+    p.set_defaults(func=_cmd_train_multi)
+
     p = sub.add_parser("bench", help="a resumable sweep over methods x tasks x seeds, then the leaderboard")
     p.add_argument("--suite", default="mini", help="mini (embedded, default), vtab1k or fgvc")
     p.add_argument("--root", help="folder holding the suite's tasks (vtab1k, fgvc)")
@@ -422,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="leaderboard (Markdown, CSV, HTML), Pareto plot and curves of a bench folder")
     p.add_argument("out", help="the bench output folder")
+    p.add_argument("--delta-m-baseline", metavar="METHOD",
+                   help="single-task method that multi-task runs' delta-m is relative to (default: their own method)")  # fmt: skip
     p.add_argument("--html", action="store_true", help="also leaderboard.html: one self-contained interactive page")
     p.add_argument("--no-curves", action="store_true", help="skip the per-task training curves (curves/<task>.png)")
     p.set_defaults(func=_cmd_report)

@@ -66,6 +66,8 @@ def page_data(board: Leaderboard, ignored: dict[str, int] | None = None) -> dict
     ]  # fmt: skip
     if estimate:
         columns.append({"key": "est_mb", "label": estimate, "type": "num", "title": board.estimate_note})
+    if board.has_delta_m:
+        columns.append({"key": "delta_m", "label": "Δm (%)", "type": "num", "title": board.delta_m_note})
     if vtab:
         columns += [
             {"key": "pub_mean19", "label": "published mean-19", "type": "num", "title": PUBLISHED_PROTOCOL},
@@ -90,6 +92,8 @@ def page_data(board: Leaderboard, ignored: dict[str, int] | None = None) -> dict
         cells["peak_mb"] = _cell(r.peak_memory_mb, fmt=".0f")
         if estimate:
             cells["est_mb"] = _cell(r.memory_estimate_mb, fmt=".0f")
+        if board.has_delta_m:
+            cells["delta_m"] = _cell(r.delta_m, fmt="+.2f")
         p = published.get(r.method)
         if vtab:
             cells["pub_mean19"] = _cell(p["mean19"] if p else None)
@@ -129,6 +133,8 @@ def page_data(board: Leaderboard, ignored: dict[str, int] | None = None) -> dict
     ]
     if estimate:
         notes.append(f"{estimate}: {board.estimate_note}; unlike the process's RSS, it differs between methods.")
+    if board.has_delta_m:
+        notes.append(board.delta_m_note)
     if vtab:
         notes.append(f"Published columns: {PUBLISHED_PROTOCOL}; measured columns never select on test.")
     if ignored:

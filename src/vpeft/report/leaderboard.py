@@ -100,6 +100,20 @@ class MethodRow:
     memory_kind: str = ""
     memory_estimate_mb: float | None = None  # a per-method estimate, where the records carry one
     memory_estimate_kind: str = ""
+    #: a row of multi-task runs (``vpeft train-multi``: one adapter per task, trained jointly on one backbone)
+    multitask: bool = False
+    #: delta-m (%) of a multi-task row over the single-task row of ``delta_m_baseline`` on the same tasks
+    delta_m: float | None = None
+    delta_m_baseline: str = ""
+
+
+#: what a multi-task row's name adds to its method's
+MULTITASK_SUFFIX = " (multi-task)"
+
+
+def row_name(record: dict[str, Any]) -> str:
+    """The leaderboard row of a record: its method, or ``<method> (multi-task)`` for a multi-task run's task."""
+    return record["method"] + (MULTITASK_SUFFIX if isinstance(record.get("multitask"), dict) else "")
 
 
 @dataclass
@@ -136,6 +150,20 @@ class Leaderboard:
         return "; ".join(kinds) or "the records' per-method memory estimate"
 
     @property
+    def has_delta_m(self) -> bool:
+        return any(r.delta_m is not None for r in self.rows)
+
+    @property
+    def delta_m_note(self) -> str:
+        baselines = sorted({r.delta_m_baseline for r in self.rows if r.delta_m is not None})
+        return (
+            "Δm (%): mean relative gain of a multi-task row's per-task top-1 over the single-task runs of "
+            f"{', '.join(baselines)} on the same tasks, 100/T * sum_t (M_t - S_t) / S_t (Maninis et al. 2019; "
+            "MTLoRA). Multi-task rows: one adapter per task trained jointly on one backbone (`vpeft train-multi`); "
+            "their params are one task's model (for MTLoRA the shared update and the task's own)."
+        )
+
+    @property
     def protocol(self) -> str:
         """One line saying what the accuracies are: protocol, split, epoch selection, epochs, seeds."""
         trained = "train" if self.mode == "tune" else "train+val"
@@ -147,11 +175,14 @@ class Leaderboard:
 
 
 def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]] | None = None,
-                      suite: str = "", model: str = "") -> Leaderboard:  # fmt: skip
+                      suite: str = "", model: str = "", delta_m_baseline: str | None = None) -> Leaderboard:  # fmt: skip
     """Averages: ``mean_tasks`` is the plain mean over tasks; ``group_mean`` the mean of the group means.
 
     A method's averages and PPT are given only when it has a result on every task. PPT uses the
     mean accuracy over tasks and the mean trainable parameters (without head) over runs.
+    Multi-task runs' records (``multitask`` field) make their own row, ``<method> (multi-task)``, with
+    delta-m over the single-task row of ``delta_m_baseline`` (default: the same method) when that row
+    has every one of their tasks.
     """
     if groups is None:
         groups = {}
@@ -165,9 +196,9 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
     families = method_families()
     board.epochs = sorted({int(r["epochs"]) for r in records if isinstance(r.get("epochs"), int)})
     board.selection = next((r["selection"] for r in records if r.get("selection")), "final_epoch")
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    methods = list(dict.fromkeys(row_name(r) for r in records))
     for method in methods:
-        mine = [r for r in records if r["method"] == method]
+        mine = [r for r in records if row_name(r) == method]
         per_task: dict[str, tuple[float, float | None, int]] = {}
         for task in tasks:
             accs = [r["top1"] for r in mine if r["task"] == task]
@@ -196,7 +227,7 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
                 train_seconds=statistics.fmean(r["train_seconds"] for r in mine),
                 peak_memory_mb=max(r.get("peak_memory_mb", 0.0) for r in mine),
                 complete=complete,
-                family=families.get(method, ""),
+                family=families.get(mine[0]["method"], ""),
                 mean_tasks_std=mean_std,
                 group_mean_std=group_std,
                 seeds=max((n for _, _, n in per_task.values()), default=1),
@@ -205,10 +236,32 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
                 memory_estimate_kind=next(
                     (str(r["memory_estimate_kind"]) for r in mine if r.get("memory_estimate_kind")), ""
                 ),
+                multitask=method.endswith(MULTITASK_SUFFIX),
             )
         )
+    _add_delta_m(board.rows, delta_m_baseline)
     board.rows.sort(key=lambda r: (r.mean_tasks is None, -(r.mean_tasks or 0.0)))
     return board
+
+
+def _add_delta_m(rows: list[MethodRow], baseline: str | None) -> None:
+    """delta-m of each multi-task row over its baseline's single-task row, where that row has all its tasks."""
+    from vpeft.multi.train import delta_m
+
+    single = {r.method: r for r in rows if not r.multitask}
+    for row in rows:
+        if not row.multitask:
+            continue
+        name = baseline or row.method.removesuffix(MULTITASK_SUFFIX)
+        base = single.get(name)
+        if base is None or not row.per_task or not set(row.per_task) <= set(base.per_task):
+            continue
+        if any(base.per_task[t][0] == 0 for t in row.per_task):
+            continue  # a relative gain over 0 % is undefined
+        row.delta_m = delta_m(
+            {t: v[0] for t, v in row.per_task.items()}, {t: base.per_task[t][0] for t in row.per_task}
+        )
+        row.delta_m_baseline = name
 
 
 def _seed_spread(mine: list[dict[str, Any]], tasks: list[str],
@@ -245,11 +298,13 @@ def to_markdown(board: Leaderboard) -> str:
     header = ["method", *board.tasks, f"mean of {n} tasks", f"mean of {len(board.groups)} group means",
               "params (M)", "PPT", "train s/run", board.memory_label]  # fmt: skip
     header += [estimate] if estimate else []
+    header += ["Δm (%)"] if board.has_delta_m else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in board.rows:
         cells = [r.method, *(_cell(r.per_task.get(t)) for t in board.tasks), _num(r.mean_tasks), _num(r.group_mean),
                  f"{r.params / 1e6:.3f}", _num(r.ppt), f"{r.train_seconds:.1f}", f"{r.peak_memory_mb:.0f}"]  # fmt: skip
         cells += [_num(r.memory_estimate_mb, ".0f")] if estimate else []
+        cells += [_num(r.delta_m, "+.2f")] if board.has_delta_m else []
         lines.append("| " + " | ".join(cells) + " |")
     groups = "; ".join(f"{g}: {', '.join(ts)}" for g, ts in board.groups.items())
     notes = [
@@ -264,6 +319,8 @@ def to_markdown(board: Leaderboard) -> str:
     ]
     if estimate:
         notes.append(f"{estimate}: {board.estimate_note}; unlike the process's RSS, it differs between methods.")
+    if board.has_delta_m:
+        notes.append(board.delta_m_note)
     return "\n".join(lines + notes) + "\n"
 
 
@@ -285,6 +342,7 @@ def to_csv(board: Leaderboard) -> str:
                "params", "ppt", "train_seconds", "peak_memory_mb", "memory_kind"]  # fmt: skip
     estimate = board.estimate_label is not None
     header += ["memory_estimate_mb", "memory_estimate_kind"] if estimate else []
+    header += ["delta_m", "delta_m_baseline"] if board.has_delta_m else []
     header += ["family", "complete"]
     writer.writerow(header)
     for r in board.rows:
@@ -297,6 +355,7 @@ def to_csv(board: Leaderboard) -> str:
                 round(r.params), _round(r.ppt, 4), _round(r.train_seconds, 1), _round(r.peak_memory_mb, 1),
                 r.memory_kind]  # fmt: skip
         row += [_round(r.memory_estimate_mb, 1), r.memory_estimate_kind] if estimate else []
+        row += [_round(r.delta_m, 2), r.delta_m_baseline] if board.has_delta_m else []
         row += [r.family, r.complete]
         writer.writerow(row)
     return buf.getvalue()
@@ -345,9 +404,12 @@ class MissingDependencyError(VPeftError, ImportError):
 REPORT_EXTRA_HINT = "pip install 'vpeft[report]' (or pip install matplotlib)"
 
 
-def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None, *,
-                 html: bool = False, curves: bool = True) -> dict[str, Path]:  # fmt: skip
+def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None, *, html: bool = False,
+                 curves: bool = True, delta_m_baseline: str | None = None) -> dict[str, Path]:  # fmt: skip
     """Write leaderboard.md, leaderboard.csv, pareto.png (+ pareto.json) and curves/<task>.png into ``out_dir``.
+
+    Multi-task runs written into the folder by ``vpeft train-multi`` (listed in ``multitask.json``) join the
+    sweep's runs, in their own rows with delta-m (see :func:`build_leaderboard`).
 
     With ``html``, also leaderboard.html: one self-contained interactive page. The plots need
     matplotlib (the ``report`` extra); without it the tables (and the page) are written and
@@ -360,6 +422,10 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
         manifest = {}
     manifest = manifest if isinstance(manifest, dict) else {}
     keys = {r["run_key"] for r in manifest["runs"]} if isinstance(manifest.get("runs"), list) else None
+    if keys is not None:
+        from vpeft.multi.run import multitask_keys
+
+        keys |= multitask_keys(out)
     ignored: dict[str, int] = {}
     runs = collect_runs(out, keys, ignored)
     records = [record for _, record in runs]
@@ -368,7 +434,8 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     suite = manifest.get("suite", "")
     if groups is None and suite:
         groups = _suite_groups(suite, records)
-    board = build_leaderboard(records, groups, suite=suite, model=manifest.get("model", ""))
+    board = build_leaderboard(records, groups, suite=suite, model=manifest.get("model", ""),
+                              delta_m_baseline=delta_m_baseline)  # fmt: skip
     title = f"# V-PEFT Bench: {suite or 'results'} suite, {board.model}, {board.mode} protocol\n\n"
     markdown = title + to_markdown(board)
     if ignored:
