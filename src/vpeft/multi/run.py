@@ -10,8 +10,9 @@ How a multi-task run is recorded (so the leaderboard and the record/identity des
   the task's own run spec (``config.yaml``), the whole multi-task spec (``multitask.yaml``) and a
   ``result.json`` shaped like a single run's, whose ``run_key`` hashes the shared identity and the task,
   and whose ``multitask`` field names the run, its tasks and the whole model's trainable parameters;
-- ``multitask.json`` in the output folder lists every multi-task run's per-task keys, so ``vpeft report``
-  of a bench folder takes them in beside the sweep's single-task runs and shows delta-m.
+- ``multitask.json`` in the output folder lists the per-task keys of the latest multi-task run of each
+  (method, task set, seed), so ``vpeft report`` of a bench folder takes them in beside the sweep's
+  single-task runs and shows delta-m (an earlier run of another spec is left out, as a sweep's are).
 
 Training: every step draws ``batch_size // tasks`` samples of each task (tasks with fewer batches start
 over), concatenates them into one mixed batch and minimises :func:`vpeft.multi.multitask_loss` (the sum
@@ -294,7 +295,10 @@ def _add_to_manifest(out: Path, key: str, spec: MultiTaskSpec, tasks: list[str],
 
     path = out / MULTITASK_MANIFEST
     manifest = _read(path) or {}
-    runs = [r for r in manifest.get("runs", []) if isinstance(r, dict) and r.get("run_key") != key]
+    # the latest run of a method on a task set and seed is the one the report shows (as a sweep's manifest
+    # names its runs): an earlier one with another recipe or options stays on disk, out of the table
+    same = lambda r: (r.get("method"), r.get("tasks"), r.get("seed")) == (spec.method, tasks, spec.train.seed)  # noqa: E731
+    runs = [r for r in manifest.get("runs", []) if isinstance(r, dict) and r.get("run_key") != key and not same(r)]
     runs.append({"run_key": key, "method": spec.method, "tasks": tasks, "task_run_keys": keys, "seed": spec.train.seed})
     write_json_atomic(path, {"runs": runs})
 

@@ -21,9 +21,11 @@ def multitask_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The summed loss of a batch mixed from several tasks (one adapter per task), and each task's loss.
 
-    One forward per task group (each sample passes the shared frozen backbone once); the sum,
-    ``sum_t weights[t] * mean loss of task t``, takes one ``backward()`` that reaches every task's
-    adapter and head. Labels are each task's own class indices.
+    One forward of the mixed batch: a single pass of the frozen layers when every task's adapter is an
+    additive low-rank update (LoRA, MTLoRA), else one pass per task group (each sample passes the shared
+    frozen backbone once either way); the sum, ``sum_t weights[t] * mean loss of task t``, takes one
+    ``backward()`` that reaches every task's adapter and head (and MTLoRA's shared update, from every
+    task). Labels are each task's own class indices.
     """
     if BASE in task_names or None in task_names:
         raise ValueError("every sample of a training batch needs a task adapter (not the plain backbone)")
