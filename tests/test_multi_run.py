@@ -97,3 +97,14 @@ def test_train_multi_records_each_task_and_the_report_shows_delta_m(tmp_path, ca
     single = {json.loads(p.read_text())["task"]: json.loads(p.read_text())["top1"] for p in out.glob("runs/lora/*/*/result.json")}  # fmt: skip
     expected = delta_m({r["task"]: r["top1"] for r in records}, single)
     assert line.rstrip(" |").endswith(f"{expected:+.2f}") and "Not in this table" not in md
+
+
+def test_manifest_keeps_the_latest_run_per_method_task_set_and_seed(tmp_path) -> None:
+    from vpeft.multi.run import _add_to_manifest, multitask_keys
+
+    spec = MultiTaskSpec(data=["mini:mnist", "mini:count"], method="lora")
+    _add_to_manifest(tmp_path, "old", spec, ["mnist", "count"], ["o1", "o2"])
+    _add_to_manifest(tmp_path, "new", spec, ["mnist", "count"], ["n1", "n2"])  # another recipe: replaces
+    other = MultiTaskSpec(data=["mini:mnist", "mini:count"], method="mtlora")
+    _add_to_manifest(tmp_path, "mt", other, ["mnist", "count"], ["m1", "m2"])  # another method: kept beside
+    assert multitask_keys(tmp_path) == {"n1", "n2", "m1", "m2"}
