@@ -73,7 +73,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 #: extra spellings of generated flags
 _FLAG_ALIASES = {"weight_decay": ["--wd"]}
 #: RunSpec fields with hand-written flags (--opt, --model-arg) or none (the nested recipe)
-_RUN_SPECIAL = ("options", "model_args", "train")
+_RUN_SPECIAL = ("options", "model_args", "train", "task_options")
 
 
 def _add_dataclass_flags(
@@ -158,7 +158,7 @@ def _spec_from_args(args: argparse.Namespace):
             raise ConfigError(f"config file '{args.config}' is not valid YAML: {exc}") from None
         if not isinstance(base, dict):
             raise ConfigError(f"config file '{args.config}' must hold a mapping of options")
-    for section in ("train", "options", "model_args"):
+    for section in ("train", "options", "model_args", "task_options"):
         if not isinstance(base.get(section) or {}, dict):
             raise ConfigError(
                 f"'{section}' in config file '{args.config}' must be a mapping (key: value lines), "
@@ -179,6 +179,8 @@ def _spec_from_args(args: argparse.Namespace):
         value = getattr(args, f.name, None) if f.name not in _RUN_SPECIAL else None
         if value is not None:
             base[f.name] = value
+    if getattr(args, "task_opt", None):
+        base["task_options"] = {**(base.get("task_options") or {}), **_parse_model_args(args.task_opt)}
     if args.model_arg:
         base["model_args"] = {**(base.get("model_args") or {}), **_parse_model_args(args.model_arg)}
     known = {f.name for f in dataclasses.fields(RunSpec)}
@@ -214,6 +216,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if record.get("reused"):
         print(f"'{args.out}' already holds this run, finished (run {record.get('run_key')}); nothing to resume")
+    if record.get("task_type", "classification") != "classification":
+        scores = ", ".join(f"{k} {record[k]:.2f}" for k in record.get("metrics", {}))
+        print(
+            f"{record['method']} on {record['task']} ({record['task_type']}, {record['mode']}, {record['eval_split']}): "
+            f"{scores}, trainable {record['trainable_params']:,} (w/o head) + head {record['head_params']:,}, "
+            f"{record['train_seconds']:.1f}s -> {args.out}"
+        )
+        return 0
     print(
         f"{record['method']} on {record['task']} ({record['mode']}, {record['eval_split']}): "
         f"top-1 {record['top1']:.2f}%, trainable {record['trainable_params']:,} (w/o head), "
@@ -415,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable (each method's options: `vpeft methods --options`)")  # fmt: skip
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="timm.create_model kwarg")
+    p.add_argument("--task-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="task-type option, repeatable (segmentation: channels, inference, crop_size, augment, ...)")  # fmt: skip
     p.add_argument("--out", required=True, help="run folder: adapter, config, log, result.json")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument(

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 #: RunSpec fields that only choose how a run executes, never its numbers (each path is exact)
 EXECUTION_ONLY = ("cache_images", "feature_cache", "feature_cache_gb")
+#: RunSpec fields in a run's identity only when they are not the default (old records keep their keys)
+NON_DEFAULT_ONLY = ("task_type", "task_options")
 KEY_LENGTH = 10
 
 
@@ -78,6 +80,11 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
         "skip_bad_images": spec.skip_bad_images,
         "train": dataclasses.asdict(spec.train),
     }
+    if spec.task_type != "classification":  # classification runs keep the keys they always had
+        from vpeft.tasks import get_task_type
+
+        identity["task_type"] = spec.task_type
+        identity["task_options"] = get_task_type(spec.task_type).options(spec.task_options).to_dict()
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # plain JSON types, tuples as lists
 
 

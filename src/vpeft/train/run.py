@@ -57,6 +57,7 @@ from vpeft.train.trainer import (
 )
 
 MODES = ("tune", "final")
+TASK_TYPES = ("classification", "segmentation", "detection")
 #: version of the record layout; part of every run's identity (a new layout never reuses old records)
 RECORD_VERSION = 2
 
@@ -90,6 +91,13 @@ class RunSpec:
         choices=("auto", "off"),
     )
     feature_cache_gb: float = option(8.0, "largest frozen-prefix feature cache to build, in GB; above it, no cache")
+    task_type: str = option(
+        "classification",
+        "what the run predicts: classification (the fast path), segmentation (ade20k:, vocseg:, masks:, "
+        "mini-dense:segmentation data) or detection",
+        choices=TASK_TYPES,
+    )
+    task_options: dict[str, Any] = option({}, "the task type's options (segmentation: channels, inference, ...)")
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -111,6 +119,8 @@ class RunSpec:
             raise ConfigError(f"feature_cache_gb must be >= 0, got {self.feature_cache_gb}")
         if self.cache_images not in ("auto", "on", "off"):
             raise ConfigError(f"cache_images must be auto, on or off, got '{self.cache_images}'")
+        if self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type must be one of {', '.join(TASK_TYPES)}, got '{self.task_type}'")
         if self.pretrained_file is not None and self.model.startswith("vpeft/"):
             raise ConfigError(
                 f"--pretrained-file cannot be used with the embedded backbone '{self.model}' (it ships its own "
@@ -306,25 +316,49 @@ def run(
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: pass only one")
     config = vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
-    if vpeft.get_method(spec.method).standalone_stage(config) is not None:  # a stage that trains nothing
+    dense = spec.task_type != "classification"  # segmentation, detection: through the TaskType interface
+    if not dense and vpeft.get_method(spec.method).standalone_stage(config) is not None:  # trains nothing
         return _run_standalone(spec, out, config)
-    task = load_task(spec.data, spec.num_classes)
+    task = load_spec_task(spec)
     check_task_splits(task, spec.mode)
     identity = run_identity(spec, task, RECORD_VERSION)
     key = run_key(identity)
-    model = build_model(spec, spec.num_classes or task.num_classes)  # a bad model name fails before any write
+    if dense:
+        from vpeft.tasks import get_task_type
+        from vpeft.train.task_run import build_task_model
+
+        task_type = get_task_type(spec.task_type)
+        num_classes = spec.num_classes or task.num_classes
+        model = build_task_model(spec, task_type, num_classes, task_type.options(spec.task_options))
+    else:
+        model = build_model(spec, spec.num_classes or task.num_classes)  # a bad model name fails before any write
     main_process = distributed_from_env().is_main  # under torchrun only rank 0 writes
     lock = RunLock(out).acquire() if main_process else None
     try:
         work = _work_folder(out, identity, key, resume=resume, overwrite=overwrite, reuse=reuse_finished)
         if isinstance(work, dict):
             return work  # a finished run of the same spec
+        if dense:
+            from vpeft.train.task_run import train_task
+
+            return train_task(
+                spec, task, model, identity, key, out, work, resume=resume, progress=progress, on_epoch=on_epoch
+            )
         return _train_and_record(
             spec, task, model, identity, key, out, work, resume=resume, progress=progress, on_epoch=on_epoch
         )
     finally:
         if lock is not None:
             lock.release()
+
+
+def load_spec_task(spec: RunSpec) -> Any:
+    """The run's task, read by its task type's loader (classification: :func:`vpeft.data.load_task`)."""
+    if spec.task_type == "classification":
+        return load_task(spec.data, spec.num_classes)
+    from vpeft.tasks import get_task_type
+
+    return get_task_type(spec.task_type).load_task(spec.data, spec.num_classes)
 
 
 def check_task_splits(task: Task, mode: str) -> None:
@@ -386,7 +420,7 @@ def _saved_identity(out: Path) -> dict[str, Any] | None:
         return None
     try:
         saved = RunSpec(**(yaml.safe_load(path.read_text()) or {}))
-        return run_identity(saved, load_task(saved.data, saved.num_classes), RECORD_VERSION)
+        return run_identity(saved, load_spec_task(saved), RECORD_VERSION)
     except (VPeftError, TypeError, ValueError, yaml.YAMLError):
         return None
 
