@@ -84,13 +84,14 @@ def make_voc_layout(root: Path, n_train: int = 6, n_val: int = 3, size: int = 40
 
 
 def make_mask_folder(root: Path, num_classes: int = 4, n: int = 4, size: int = 24, seed: int = 0) -> Path:
-    """A generic folder: {train,val}/images/*.png with {train,val}/masks/*.png of the same stem."""
+    """The generic layout: images/{train,val}/*.png, masks/{train,val}/*.png (same stem), classes.txt."""
     rng = np.random.default_rng(seed)
     for split in ("train", "val"):
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "masks").mkdir(parents=True, exist_ok=True)
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             image, label = _scene(rng, size, num_classes)
-            Image.fromarray(image).save(root / split / "images" / f"s{i}.png")
-            Image.fromarray(label).save(root / split / "masks" / f"s{i}.png")
+            Image.fromarray(image).save(root / "images" / split / f"s{i}.png")
+            Image.fromarray(label).save(root / "masks" / split / f"s{i}.png")
+    (root / "classes.txt").write_text("".join(f"class{c}\n" for c in range(num_classes)))
     return root

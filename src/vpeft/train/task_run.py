@@ -170,8 +170,8 @@ class TaskTrainer:
                 self.last_metrics = evaluate(val_set)
                 stats.val_acc = self.last_metrics[self.task_type.primary_metric] / 100.0
             self.history.append(stats)
+            self._save_checkpoint(epoch)  # before the callbacks: an interrupted run resumes after this epoch
             self._log(stats)
-            self._save_checkpoint(epoch)
         return self.history
 
     def _train_epoch(self, dataset: Dataset, epoch: int, steps_per_epoch: int, total: int, warmup: int) -> EpochStats:
