@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from dense_data import IMG, make_ade_layout, make_dense_backbone, make_mask_folder, make_voc_layout
 from PIL import Image
 
 import vpeft
+from dense_data import IMG, make_ade_layout, make_dense_backbone, make_mask_folder, make_voc_layout
 from vpeft.data import DataError
 from vpeft.data.segmentation import IGNORE_INDEX, SegmentationDataset, SegTransform, slide_windows
 from vpeft.dense.heads import UPerHead
