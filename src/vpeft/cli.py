@@ -288,14 +288,15 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         return 0
     from vpeft.bench import load_suite
     from vpeft.data import load_task
+    from vpeft.tasks import get_task_type
 
     suite = load_suite(args.suite, args.root)
     rows = []
     for t in suite.tasks:
-        task = load_task(t.data)
+        task = load_task(t.data) if t.task_type == "classification" else get_task_type(t.task_type).load_task(t.data)
         sizes = [len(task.split(s)) for s in ("train", "val", "test")]
         rows.append([t.name, t.group, task.num_classes, *sizes, t.data])
-    print(f"{suite.name} suite: {len(rows)} tasks under {args.root}")
+    print(f"{suite.name} suite: {len(rows)} tasks" + (f" under {args.root}" if args.root else ""))
     print(format_table(rows, ["task", "group", "classes", "train", "val", "test", "data"]))
     return 0
 
@@ -329,6 +330,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         suite=suite, model=args.model or suite.defaults["model"], methods=methods, seeds=seeds, mode=args.mode,
         out=out, train_overrides=train, option_overrides=parse_method_options(args.opt, methods),
         pretrained=not args.no_pretrained, pretrained_file=args.pretrained_file, skip_bad_images=args.skip_bad_images,
+        model_args={} if args.model else dict(suite.defaults.get("model_args") or {}),
     )  # fmt: skip
     final_jobs = plan.final_jobs()  # validates every method's options and reads every task before running anything
     executor = None
@@ -361,7 +363,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     paths = write_report(out)
     print()
     print(paths["markdown"].read_text())
-    print(f"leaderboard: {paths['markdown']} and {paths['csv']}; Pareto plot: {paths['plot']}")
+    plot = f"; Pareto plot: {paths['plot']}" if "plot" in paths else ""
+    print(f"leaderboard: {paths['markdown']} and {paths['csv']}{plot}")
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -370,7 +373,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     paths = write_report(args.out, html=args.html, curves=not args.no_curves, delta_m_baseline=args.delta_m_baseline)
     print(paths["markdown"].read_text())
-    print(f"leaderboard: {paths['markdown']} and {paths['csv']}; Pareto plot: {paths['plot']}")
+    plot = f"; Pareto plot: {paths['plot']}" if "plot" in paths else ""
+    print(f"leaderboard: {paths['markdown']} and {paths['csv']}{plot}")
     if "curves" in paths:
         print(f"training curves: {paths['curves']}/<task>.png")
     if "html" in paths:
@@ -416,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_params)
 
     p = sub.add_parser("tasks", help="list a suite's tasks with classes and split sizes")
-    p.add_argument("suite", nargs="?", default="mini", help="mini (embedded, default), vtab1k or fgvc")
+    p.add_argument("suite", nargs="?", default="mini",
+                   help="mini (embedded, default), vtab1k, fgvc, mini-dense (embedded) or ade20k")  # fmt: skip
     p.add_argument("--root", help="folder holding the suite's tasks (vtab1k, fgvc)")
     p.set_defaults(func=_cmd_tasks)
 
@@ -468,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_multi)
 
     p = sub.add_parser("bench", help="a resumable sweep over methods x tasks x seeds, then the leaderboard")
-    p.add_argument("--suite", default="mini", help="mini (embedded, default), vtab1k or fgvc")
+    p.add_argument("--suite", default="mini",
+                   help="mini (embedded, default), vtab1k, fgvc, mini-dense (embedded, dense tasks) or ade20k")  # fmt: skip
     p.add_argument("--root", help="folder holding the suite's tasks (vtab1k, fgvc)")
     p.add_argument("--model", help="backbone (default: the suite's, vpeft/vit-mini for mini)")
     p.add_argument("--methods", help="comma-separated methods, or all (default: the suite's list)")

@@ -21,7 +21,9 @@ VTAB1K_GROUPS = {
 }  # fmt: skip
 #: FGVC's 5 datasets by VPT's folder names
 FGVC_TASKS = ["CUB_200_2011", "nabirds", "OxfordFlower", "Stanford-dogs", "Stanford-cars"]
-SUITES = ("mini", "vtab1k", "fgvc")
+SUITES = ("mini", "vtab1k", "fgvc", "mini-dense", "ade20k")
+#: suites whose YAML lists its tasks (each with a task type); "{root}" in a data spec is the --root folder
+LISTED_SUITES = ("mini-dense", "ade20k")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class SuiteTask:
     name: str
     group: str
     data: str  # dataset spec for load_task
+    task_type: str = "classification"
 
 
 @dataclass
@@ -56,6 +59,8 @@ def suite_defaults(name: str) -> dict[str, Any]:
 def load_suite(name: str, root: str | None = None, tasks: list[str] | None = None) -> Suite:
     """Resolve a suite's tasks; for on-disk suites check that every task folder exists under ``root``."""
     defaults = suite_defaults(name)
+    if name in LISTED_SUITES:
+        return _listed_suite(name, defaults, root, tasks)
     if name == "mini":
         from vpeft.assets.mini import suite_sheet
 
@@ -84,4 +89,28 @@ def load_suite(name: str, root: str | None = None, tasks: list[str] | None = Non
                 f"--root '{root}' lacks {len(missing)} of the suite's task folders: {', '.join(missing)}; "
                 f"add them, or run a subset with --tasks"
             )
+    return Suite(name, all_tasks, defaults)
+
+
+def _listed_suite(name: str, defaults: dict[str, Any], root: str | None, tasks: list[str] | None) -> Suite:
+    """A suite whose YAML lists its tasks; a task whose task type is not available (detection without its
+    module) is left out."""
+    from vpeft.tasks import task_type_names
+
+    available = task_type_names()
+    listed = [t for t in defaults.get("tasks") or [] if t.get("task_type", "classification") in available]
+    needs_root = any("{root}" in t["data"] for t in listed)
+    if needs_root:
+        if not root:
+            raise ConfigError(f"suite '{name}' reads its data from disk: pass --root <folder holding its data>")
+        if not Path(root).is_dir():
+            raise DataError(f"--root '{root}' does not exist")
+    all_tasks = [SuiteTask(t["name"], t.get("group", t["name"]), t["data"].replace("{root}", str(root)),
+                           t.get("task_type", "classification")) for t in listed]  # fmt: skip
+    known = [t.name for t in all_tasks]
+    if tasks:
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ConfigError(f"unknown task(s) {unknown} in suite '{name}'; its tasks: {', '.join(known)}")
+        all_tasks = [t for t in all_tasks if t.name in tasks]
     return Suite(name, all_tasks, defaults)

@@ -149,8 +149,13 @@ class SweepPlan:
 
     def task(self, name: str) -> Task:
         if name not in self._tasks:
-            data = next(t.data for t in self.suite.tasks if t.name == name)
-            self._tasks[name] = load_task(data)
+            entry = next(t for t in self.suite.tasks if t.name == name)
+            if entry.task_type == "classification":
+                self._tasks[name] = load_task(entry.data)
+            else:
+                from vpeft.tasks import get_task_type
+
+                self._tasks[name] = get_task_type(entry.task_type).load_task(entry.data)
         return self._tasks[name]
 
     def key(self, spec: RunSpec, task: str) -> str:
@@ -174,11 +179,17 @@ class SweepPlan:
         train["seed"] = seed
         if lr_wd is not None:
             train["lr"], train["weight_decay"] = lr_wd
-        data = next(t.data for t in self.suite.tasks if t.name == task)
+        entry = next(t for t in self.suite.tasks if t.name == task)
+        extra: dict[str, Any] = {}
+        if entry.task_type != "classification":  # classification specs stay exactly as they were
+            options = dict((self.suite.defaults.get("task_options") or {}).get(entry.task_type) or {})
+            options.update(((self.suite.defaults.get("task_overrides") or {}).get(task) or {}).get("task_options", {}))
+            extra = {"task_type": entry.task_type, "task_options": options}
         return RunSpec(
             model=self.model,
             model_args=self.model_args,
-            data=data,
+            data=entry.data,
+            **extra,
             method=method,
             options=self.options(method),
             mode=mode,
@@ -254,7 +265,7 @@ def run_jobs(
         if status == "busy":
             result = "running in another process; skipped here"
         elif status == "ok":
-            result = f"top-1 {record['top1']:.2f}%" + (" (finished by another process)" if record.get("reused") else "")
+            result = score_text(record) + (" (finished by another process)" if record.get("reused") else "")
         else:
             result = f"FAILED: {record.get('error', '?')[:160]}"
         log(f"[{skipped + finished}/{len(jobs)}] {job.label}: {result} | elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}")
@@ -281,9 +292,9 @@ def choose_lr_wd(plan: SweepPlan) -> dict[tuple[str, str], tuple[float, float]]:
                 record
                 and record.get("status") == "ok"
                 and record.get("run_key") == job.key
-                and record["top1"] > best_acc
+                and score(record) > best_acc
             ):
-                best, best_acc = (job.spec.train.lr, job.spec.train.weight_decay), record["top1"]
+                best, best_acc = (job.spec.train.lr, job.spec.train.weight_decay), score(record)
         if best is None:
             raise VPeftError(
                 f"--tune: every tune run of {method} on {task} failed; see {plan.out / 'tune' / method / task}"
@@ -291,9 +302,28 @@ def choose_lr_wd(plan: SweepPlan) -> dict[tuple[str, str], tuple[float, float]]:
         chosen[(method, task)] = best
         write_json_atomic(
             plan.out / "tune" / method / task / "choice.json",
-            {"lr": best[0], "weight_decay": best[1], "val_top1": best_acc},
+            {"lr": best[0], "weight_decay": best[1], f"val_{_metric(plan, task)}": best_acc},
         )
     return chosen
+
+
+def score(record: dict[str, Any]) -> float:
+    """A record's primary metric (top-1 for classification, mIoU for segmentation, ...)."""
+    return float(record[record.get("primary_metric", "top1")])
+
+
+def score_text(record: dict[str, Any]) -> str:
+    metric = record.get("primary_metric", "top1")
+    return f"top-1 {record['top1']:.2f}%" if metric == "top1" else f"{metric} {record[metric]:.2f}"
+
+
+def _metric(plan: SweepPlan, task: str) -> str:
+    entry = next(t for t in plan.suite.tasks if t.name == task)
+    if entry.task_type == "classification":
+        return "top1"
+    from vpeft.tasks import get_task_type
+
+    return get_task_type(entry.task_type).primary_metric
 
 
 def parse_method_options(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:

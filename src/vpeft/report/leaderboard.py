@@ -37,7 +37,7 @@ def collect_runs(out_dir: str | Path, keys: set[str] | None = None,
         except (OSError, ValueError, UnicodeDecodeError):
             record = None
         if not isinstance(record, dict) or (
-            not {"method", "task", "top1"} <= set(record) and record.get("status") == "ok"
+            not {"method", "task", record.get("primary_metric", "top1")} <= set(record) and record.get("status") == "ok"
         ):
             ignored["unreadable"] = ignored.get("unreadable", 0) + 1
             continue
@@ -432,6 +432,17 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     if not records:
         raise FileNotFoundError(f"no finished runs under '{out}/runs'; run `vpeft bench --out {out}` first")
     suite = manifest.get("suite", "")
+    dense = [r for r in records if r.get("task_type", "classification") != "classification"]
+    if dense:  # segmentation / detection: their own tables (no top-1, no Pareto plot of accuracy)
+        from vpeft.report.dense import write_dense_report
+
+        only_dense = len(dense) == len(records)
+        dense_paths = write_dense_report(out, dense, suite, manifest.get("model", ""),
+                                         "leaderboard" if only_dense else "leaderboard-dense")  # fmt: skip
+        if only_dense:
+            return dense_paths
+        runs = [(p, r) for p, r in runs if r.get("task_type", "classification") == "classification"]
+        records = [r for _, r in runs]
     if groups is None and suite:
         groups = _suite_groups(suite, records)
     board = build_leaderboard(records, groups, suite=suite, model=manifest.get("model", ""),

@@ -1,0 +1,123 @@
+"""Training-step time and memory of each method on semantic segmentation, relative to full fine-tuning.
+
+    python benchmarks/dense_cost.py [--model vit_small_patch16_224 --img 128 --batch 4 --channels 128 --rounds 5]
+
+The model is the segmentation task's: the backbone with the method applied, as a dense encoder (a ViT
+gets the simple feature pyramid), and the UPerNet head; a step is pixel cross-entropy on the logits at
+input size, backward, AdamW. Methods are timed in interleaved rounds (one step of each per round, the
+order reversed every other round) and each ratio is the median over rounds of the method's time over
+full fine-tuning's in the same round, so drift of a shared machine's speed cancels. Memory: on CUDA the
+peak allocated memory of a step; on CPU vpeft's estimate (parameters + autograd-saved tensors + grads +
+AdamW state), which is deterministic where process RSS is not. The dense head trains in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import timm
+import torch
+
+import vpeft
+from vpeft.tasks import get_task_type
+from vpeft.train.memory import SavedTensorBytes, step_memory_mb
+
+DEFAULT_METHODS = ["full", "linear", "bitfit", "ln_tune", "partial_k", "lora", "ssf", "adapter", "adaptformer", "mona"]
+
+
+def build(method: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    seg = get_task_type("segmentation")
+    torch.manual_seed(0)
+    backbone = timm.create_model(args.model, pretrained=False, num_classes=0, img_size=args.img)
+    vpeft.apply(backbone, method)
+    model = seg.build(backbone, args.classes, seg.options({"channels": args.channels})).to(args.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def step(model, optimizer, batch) -> None:
+    loss = get_task_type("segmentation").loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--img", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=150)
+    parser.add_argument("--channels", type=int, default=128, help="UPerNet width (512 in the published recipe)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if "full" not in methods:
+        methods.insert(0, "full")
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randint(0, 256, (args.batch, 3, args.img, args.img), generator=g, dtype=torch.uint8),
+        "label": torch.randint(0, args.classes, (args.batch, args.img, args.img), generator=g),
+    }
+    batch = {k: v.to(args.device) for k, v in batch.items()}
+    built, memory, params, head = {}, {}, {}, {}
+    for m in methods:
+        try:
+            model, opt = build(m, args)
+        except vpeft.UnsupportedBackboneError as exc:
+            print(f"{m}: skipped ({str(exc).split(';')[0]})")
+            continue
+        step(model, opt, batch)  # warm-up (allocations, lazy inits)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            step(model, opt, batch)
+            sync(args.device)
+            memory[m] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            with SavedTensorBytes() as saved:
+                loss = get_task_type("segmentation").loss(model, batch)
+            loss.backward()
+            opt.zero_grad(set_to_none=True)
+            memory[m] = step_memory_mb(model, saved.total)
+        backbone = model.encoder.backbone
+        params[m] = vpeft.count_trainable(backbone, include_head=False)
+        head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
+        built[m] = (model, opt)
+    times: dict[str, list[float]] = {m: [] for m in built}
+    for r in range(args.rounds):
+        order = list(built) if r % 2 == 0 else list(reversed(built))
+        for m in order:
+            model, opt = built[m]
+            sync(args.device)
+            start = time.perf_counter()
+            step(model, opt, batch)
+            sync(args.device)
+            times[m].append(time.perf_counter() - start)
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})"
+    )
+    kind = "CUDA peak allocated" if args.device.startswith("cuda") else "estimate: params + saved + grads + AdamW"
+    print(f"segmentation step, {args.model} @ {args.img}px, batch {args.batch}, UPerNet {args.channels} ch, "
+          f"{args.classes} classes, {args.rounds} rounds, {device}; memory: {kind}")  # fmt: skip
+    print(
+        "| method | trainable (M, w/o head) | head (M) | step ms (median) | time / full | memory MB | memory / full |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m in built:
+        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
+        print(f"| {m} | {params[m] / 1e6:.3f} | {head[m] / 1e6:.3f} | {1000 * statistics.median(times[m]):.0f} | "
+              f"{ratio:.2f} | {memory[m]:.0f} | {memory[m] / memory['full']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
