@@ -84,7 +84,8 @@ def main() -> None:
             sync(args.device)
             memory[m] = torch.cuda.max_memory_allocated() / 2**20
         else:
-            with SavedTensorBytes() as saved:
+            saved = SavedTensorBytes()
+            with saved:
                 loss = get_task_type("segmentation").loss(model, batch)
             loss.backward()
             opt.zero_grad(set_to_none=True)
