@@ -92,3 +92,25 @@ def test_published_ade20k_numbers_sit_beside_ours_only_on_ade20k(tmp_path) -> No
 def test_scores_follow_the_primary_metric() -> None:
     assert score(_record("lora", 33.0)) == 33.0 and score_text(_record("lora", 33.0)) == "mIoU 33.00"
     assert score({"top1": 71.5}) == 71.5 and score_text({"top1": 71.5}) == "top-1 71.50%"
+
+
+def test_poly_and_cosine_schedules_after_linear_warmup() -> None:
+    from vpeft.tasks import get_task_type
+    from vpeft.train import TrainConfig
+    from vpeft.train.task_run import lr_at
+
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, lr=1.0, warmup_lr=0.0, min_lr=0.0)
+    poly = get_task_type("segmentation").options({"schedule": "poly", "poly_power": 1.0})
+    assert [lr_at(s, 110, 10, cfg, poly) for s in (0, 5, 10, 60, 110)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
+    square = get_task_type("segmentation").options({"schedule": "poly", "poly_power": 2.0})
+    assert lr_at(60, 110, 10, cfg, square) == pytest.approx(0.25)
+    cosine = get_task_type("segmentation").options({"schedule": "cosine"})
+    assert lr_at(60, 110, 10, cfg, cosine) == pytest.approx(0.5) and lr_at(35, 110, 10, cfg, cosine) > 0.5
+
+
+def test_vpeft_tasks_lists_the_mini_dense_suite(capsys) -> None:
+    from vpeft.cli import main
+
+    assert main(["tasks", "mini-dense"]) == 0
+    out = capsys.readouterr().out
+    assert "mini-seg" in out and "| 6 " in out and "mini-dense:segmentation" in out
