@@ -311,6 +311,11 @@ def test_task_type_is_part_of_the_identity_only_beyond_classification(tmp_path) 
     spec = _spec(f"masks:{root}")
     identity = run_identity(spec, SEG.load_task(spec.data), 2)
     assert identity["task_type"] == "segmentation" and identity["task_options"]["channels"] == 16
+    moved = make_mask_folder(tmp_path / "elsewhere" / "m")  # the same data in another folder: the same fingerprint
+    assert (
+        run_identity(_spec(f"masks:{moved}"), SEG.load_task(f"masks:{moved}"), 2)["data_fingerprint"]
+        == (identity["data_fingerprint"])
+    )
     from vpeft.data import load_task
 
     classification = RunSpec(data="mini:mnist", method="lora")

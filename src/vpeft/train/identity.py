@@ -52,6 +52,8 @@ def data_fingerprint(task: Task, splits: tuple[str, ...]) -> str:
         digest.update(f"[{name}]\n".encode())
         for path, label in task.split(name):
             rel = os.path.relpath(path, root) if os.path.isabs(path) and os.path.isabs(root) else path
+            if isinstance(label, str) and os.path.isabs(label) and os.path.isabs(root):  # a mask file (dense tasks)
+                label = os.path.relpath(label, root)
             digest.update(f"{rel}\t{label}\n".encode())
     return digest.hexdigest()[:16]
 
