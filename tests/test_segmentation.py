@@ -273,7 +273,7 @@ def test_train_on_the_mini_dense_task_beats_predicting_background(tmp_path) -> N
     assert record["trainable_params"] == vpeft.count_trainable(
         vpeft.apply(make_dense_backbone("vit"), "lora"), include_head=False
     )
-    assert record["head_params"] > 0 and "top1" not in record
+    assert record["head_params"] > 0 and "top1" not in record and record["memory_estimate_mb"] > 0
     assert (tmp_path / "run" / "task_head.safetensors").is_file() and not (tmp_path / "run" / "checkpoint.pt").exists()
     assert record["identity"]["task_type"] == "segmentation"
 

@@ -52,6 +52,8 @@ def dense_tables(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]
             row["head_params"] = statistics.fmean(r.get("head_params", 0) for r in runs)
             row["peak_memory_mb"] = max(r.get("peak_memory_mb", 0.0) for r in runs)
             row["memory_kind"] = "; ".join(sorted({str(r["memory_kind"]) for r in runs if r.get("memory_kind")}))
+            estimates = [r["memory_estimate_mb"] for r in runs if isinstance(r.get("memory_estimate_mb"), (int, float))]
+            row["memory_estimate_mb"] = max(estimates) if estimates else None
             row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
             row["images_per_s"] = statistics.fmean(r.get("images_per_s", 0.0) for r in runs)
             rows.append(row)
@@ -76,11 +78,13 @@ def dense_markdown(records: list[dict[str, Any]], suite: str = "", model: str = 
     out = [f"# V-PEFT Bench (dense): {suite or 'results'} suite, {model or records[0].get('model', '')}, "
            f"{mode} protocol\n"]  # fmt: skip
     out.append(f"Scores on {split} at the final epoch (nothing selected on test); trainable parameters exclude the "
-               f"dense head (head = UPerNet head + ViT pyramid, trained in every row). Memory: {memory}.\n")  # fmt: skip
+               f"dense head (head = UPerNet head + ViT pyramid, trained in every row). Peak MB: {memory}; step MB "
+               "(est.): parameters + autograd-saved tensors + grads + AdamW state of one training step.\n")  # fmt: skip
     for task, rows in tables.items():
         metrics = _metrics([r for r in records if r["task"] == task])
         task_type = rows[0]["task_type"] if rows else ""
-        header = ["method", *metrics, "trainable (M)", "head (M)", "peak MB", "train s", "img/s", "seeds"]
+        header = ["method", *metrics, "trainable (M)", "head (M)", "peak MB", "step MB (est.)", "train s", "img/s",
+                  "seeds"]  # fmt: skip
         published = suite == "ade20k" and task == "ade20k"
         if published:
             header.insert(1 + len(metrics), "V-PETL mIoU (Swin-L, published)")
@@ -92,8 +96,10 @@ def dense_markdown(records: list[dict[str, Any]], suite: str = "", model: str = 
             if published:
                 value = PUBLISHED_ADE20K.get(row["method"])
                 cells.append(f"{value:.2f}" if value is not None else "-")
+            estimate = row["memory_estimate_mb"]
             cells += [f"{row['params'] / 1e6:.3f}", f"{row['head_params'] / 1e6:.3f}", f"{row['peak_memory_mb']:.0f}",
-                      f"{row['train_seconds']:.1f}", f"{row['images_per_s']:.0f}", str(row["seeds"])]  # fmt: skip
+                      "-" if estimate is None else f"{estimate:.0f}", f"{row['train_seconds']:.1f}",
+                      f"{row['images_per_s']:.0f}", str(row["seeds"])]  # fmt: skip
             out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

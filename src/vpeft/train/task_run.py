@@ -8,6 +8,7 @@ linear warm-up), with the task options' schedule (poly by default) and warm-up s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 import vpeft
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.tasks.base import TaskOptions, TaskType, backbone_of, get_task_type, head_state, save_task_model
+from vpeft.train.memory import KIND as MEMORY_ESTIMATE_KIND
+from vpeft.train.memory import SavedTensorBytes, step_memory_mb
 from vpeft.train.trainer import (
     CHECKPOINT,
     NAN_CHECK_EVERY,
@@ -83,6 +86,7 @@ class TaskTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.history: list[EpochStats] = []
+        self.memory_estimate_mb: float | None = None
         self.train_seconds = 0.0
         self.images_seen = 0
 
@@ -192,8 +196,12 @@ class TaskTrainer:
                 group["lr"] = lr
             batch = self.task_type.batch_to(batch, self.device)
             n = self.task_type.batch_size(batch)
-            with self._autocast():
+            measure = self.memory_estimate_mb is None and not self.cfg.compile  # hooks would break a compiled graph
+            saved = SavedTensorBytes() if measure else contextlib.nullcontext()
+            with self._autocast(), saved:
                 loss = self.task_type.loss(self.forward_model, batch)
+            if isinstance(saved, SavedTensorBytes):
+                self.memory_estimate_mb = step_memory_mb(self.model, saved.total)
             detached = loss.detach()
             window += detached
             if step == 0 or (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
@@ -329,6 +337,8 @@ def train_task(spec: Any, task: Any, model: nn.Module, identity: dict[str, Any],
         "images_per_s": trainer.images_seen / max(trainer.train_seconds, 1e-9),
         "peak_memory_mb": memory,
         "memory_kind": memory_kind,
+        "memory_estimate_mb": trainer.memory_estimate_mb,
+        "memory_estimate_kind": MEMORY_ESTIMATE_KIND,
         "final_train_loss": history[-1].train_loss,
         "device": str(trainer.device),
         "world_size": 1,
