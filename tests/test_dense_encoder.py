@@ -11,9 +11,9 @@ from dense_data import DENSE_BACKBONES, IMG, make_dense_backbone
 from vpeft.dense import DenseEncoder, dense_encoder
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 
-#: the methods of the issue's "done when" list, plus two that add tokens; "linear" is the frozen row
+#: the methods of the issue's "done when" list, two that add tokens and the two V-PETL dense methods; "linear" is the frozen row
 METHODS = ["linear", "lora", "adapter", "adaptformer", "bitfit", "ssf", "mona", "ln_tune", "partial_k", "full",
-           "vpt_deep", "prefix"]  # fmt: skip
+           "vpt_deep", "prefix", "lorand", "e3va"]  # fmt: skip
 CASES = [(b, m) for b in DENSE_BACKBONES for m in METHODS]
 
 
