@@ -80,9 +80,9 @@ AP_CASES = [
 @pytest.mark.parametrize("case,targets,preds,ap,ap50,ap75", AP_CASES, ids=[c[0] for c in AP_CASES])
 def test_box_ap_hand_computed(case, targets, preds, ap, ap50, ap75):
     m = coco_metrics(targets, preds, [SIZE] * len(targets), categories=[1, 2])
-    assert m["box_ap"] == pytest.approx(ap, abs=1e-6)
-    assert m["box_ap50"] == pytest.approx(ap50, abs=1e-6)
-    assert m["box_ap75"] == pytest.approx(ap75, abs=1e-6)
+    assert m["box_AP"] == pytest.approx(ap, abs=1e-6)
+    assert m["box_AP50"] == pytest.approx(ap50, abs=1e-6)
+    assert m["box_AP75"] == pytest.approx(ap75, abs=1e-6)
 
 
 def test_mask_ap_perfect_and_half():
@@ -92,17 +92,17 @@ def test_mask_ap_perfect_and_half():
     perfect = [_p([A, B], [1, 1], [0.9, 0.8], masks=[ma * 0.9, mb * 0.7])]
     m = coco_metrics(targets, perfect, [SIZE], categories=[1], masks=True)
     assert set(m) == set(metric_names(masks=True))
-    assert m["mask_ap"] == pytest.approx(1.0) and m["box_ap"] == pytest.approx(1.0)
+    assert m["mask_AP"] == pytest.approx(1.0) and m["box_AP"] == pytest.approx(1.0)
     # right boxes, but the second mask covers only 40% of its object: mask IoU 0.4 fails every threshold
     partial = mb.copy()
     partial[24:30] = 0
     half = [_p([A, B], [1, 1], [0.9, 0.8], masks=[ma, partial])]
     m = coco_metrics(targets, half, [SIZE], categories=[1], masks=True)
-    assert m["box_ap"] == pytest.approx(1.0)
-    assert m["mask_ap"] == pytest.approx(51 / 101)
+    assert m["box_AP"] == pytest.approx(1.0)
+    assert m["mask_AP"] == pytest.approx(51 / 101)
     # probabilities below the threshold are background: an empty mask matches nothing
     empty = [_p([A, B], [1, 1], [0.9, 0.8], masks=[ma * 0.4, mb * 0.4])]
-    assert coco_metrics(targets, empty, [SIZE], categories=[1], masks=True)["mask_ap"] == 0.0
+    assert coco_metrics(targets, empty, [SIZE], categories=[1], masks=True)["mask_AP"] == 0.0
 
 
 @pytest.mark.parametrize(

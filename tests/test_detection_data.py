@@ -39,22 +39,24 @@ def test_coco_layout_parses(coco_root):
     data = load_detection(str(coco_root))
     assert data.kind == "coco" and data.has_masks
     assert data.categories == [(10, "square"), (20, "disk")] and data.num_classes == 2
-    assert len(data.split("train")) == 6 and len(data.split("val")) == 3
+    assert len(data.records("train")) == 6 and len(data.records("val")) == 3
     raw = json.loads((coco_root / "annotations" / "instances_train.json").read_text())
     first = [a for a in raw["annotations"] if a["image_id"] == 100]
-    rec = data.split("train")[0]
+    rec = data.records("train")[0]
     x, y, w, h = first[0]["bbox"]
     np.testing.assert_allclose(rec.boxes[0], [x, y, x + w, y + h])
     assert list(rec.labels) == [a["category_id"] // 10 for a in first]  # ids 10, 20 -> labels 1, 2
     # decoded masks (polygons and RLE) fit their boxes exactly, in the dataset's resized frame too
-    ds = DetectionDataset(data.split("train"), size=48, masks=True)
+    ds = DetectionDataset(data.records("train"), size=48, masks=True)
     for i in range(len(ds)):
         image, target = ds[i]
         assert image.shape == (3, 48, 48) and 0.0 <= image.min() and image.max() <= 1.0
         for box, mask in zip(target["boxes"], target["masks"], strict=True):
             assert _mask_box(mask) == pytest.approx(box.tolist())
     with pytest.raises(DetectionDataError, match="no 'test' split"):
-        data.split("test")
+        data.records("test")
+    pairs = data.split("train")  # (image, objects) strings: what a run's data fingerprint reads
+    assert pairs[0][0] == rec.path and str(rec.labels.tolist()) in pairs[0][1]
 
 
 def test_coco_2017_names_and_no_masks(tmp_path):
@@ -62,15 +64,15 @@ def test_coco_2017_names_and_no_masks(tmp_path):
     for split in ("train", "val"):
         (root / "annotations" / f"instances_{split}.json").rename(root / "annotations" / f"instances_{split}2017.json")
     data = load_coco(root, masks=False)
-    assert not data.has_masks and data.split("val")[0].segmentations is None
-    assert data.split("val")[0].path.endswith("val2017/val_000.png")
+    assert not data.has_masks and data.records("val")[0].segmentations is None
+    assert data.records("val")[0].path.endswith("val2017/val_000.png")
     with pytest.raises(DetectionDataError, match="no segmentations"):
-        DetectionDataset(data.split("val"), size=32, masks=True)
+        DetectionDataset(data.records("val"), size=32, masks=True)
 
 
 def test_resize_and_flip_move_boxes_with_the_pixels(coco_root):
     data = load_coco(coco_root)
-    rec = data.split("train")[0]
+    rec = data.records("train")[0]
     plain = DetectionDataset([rec], size=(24, 36), masks=True)
     image, target = plain[0]
     assert image.shape == (3, 24, 36)
@@ -82,6 +84,8 @@ def test_resize_and_flip_move_boxes_with_the_pixels(coco_root):
     assert torch.equal(t["masks"], target["masks"].flip(-1))
     np.testing.assert_allclose(t["boxes"][:, 0], 36 - target["boxes"][:, 2])
     np.testing.assert_allclose(t["boxes"][:, 2], 36 - target["boxes"][:, 0])
+    no_flip = [DetectionDataset([rec], size=(24, 36), train=True, masks=True, seed=s, flip=False)[0] for s in range(8)]
+    assert all(torch.equal(img, image) for img, _ in no_flip)
     images, targets = detection_collate([plain[0], plain[0]])
     assert len(images) == len(targets) == 2
 
@@ -90,13 +94,13 @@ def test_voc_layout_parses(voc_root):
     data = load_detection(str(voc_root))
     assert data.kind == "voc" and not data.has_masks
     assert [name for _, name in data.categories] == ["disk", "square"]  # not VOC names: sorted
-    rec = data.split("train")[0]
+    rec = data.records("train")[0]
     xml = (voc_root / "Annotations" / "2007_000000.xml").read_text()
     xmin = int(xml.split("<xmin>")[1].split("<")[0])
     xmax = int(xml.split("<xmax>")[1].split("<")[0])
     assert rec.boxes[0][0] == xmin - 1 and rec.boxes[0][2] == xmax  # 1-based inclusive -> 0-based
     # the second object of each image is "difficult": flagged for evaluation, dropped for training
-    multi = next(r for r in data.split("train") if len(r.labels) == 2)
+    multi = next(r for r in data.records("train") if len(r.labels) == 2)
     assert list(multi.iscrowd) == [0, 1]
     _, train_target = DetectionDataset([multi], size=40, train=True)[0]
     _, eval_target = DetectionDataset([multi], size=40)[0]
@@ -175,7 +179,7 @@ def test_coco_other_errors(tmp_path, coco_root):
     _edit_coco(root, _set("width", 50, where="images"))
     data = load_coco(root, splits=("train",), masks=False)
     with pytest.raises(DetectionDataError, match="its annotation says 50x48"):
-        DetectionDataset(data.split("train"), size=32)[0]
+        DetectionDataset(data.records("train"), size=32)[0]
 
 
 def _edit_voc(root, old, new, file="2007_000000.xml"):

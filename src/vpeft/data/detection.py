@@ -76,10 +76,17 @@ class DetectionData:
     def num_classes(self) -> int:
         return len(self.categories)
 
-    def split(self, name: str) -> list[DetectionRecord]:
+    def records(self, name: str) -> list[DetectionRecord]:
+        """The images of a split with their objects."""
         if name not in self.splits:
             raise DetectionDataError(f"task '{self.name}' has no '{name}' split; it has: {', '.join(self.splits)}")
         return self.splits[name]
+
+    def split(self, name: str) -> list[tuple[str, str]]:
+        """(image path, its objects as text) per image: what a run's data fingerprint reads."""
+        return [
+            (r.path, f"{r.boxes.round(2).tolist()}{r.labels.tolist()}{r.iscrowd.tolist()}") for r in self.records(name)
+        ]
 
     def spec(self) -> str:
         return f"{self.kind}:{self.root}"
@@ -111,8 +118,9 @@ class DetectionDataset(Dataset):
     dict with ``boxes`` (N x 4, resized pixels), ``labels`` (N), ``iscrowd`` (N), ``masks`` (N x S x S uint8,
     when ``masks``) and ``image_id``.
 
-    ``train`` flips half the images horizontally (boxes and masks with them) and drops crowd / difficult
-    objects, which torchvision's detectors cannot ignore; evaluation keeps them flagged in ``iscrowd``.
+    ``train`` drops crowd / difficult objects, which torchvision's detectors cannot ignore (evaluation keeps
+    them flagged in ``iscrowd``), and with ``flip`` (default: on in training) flips half the images
+    horizontally, boxes and masks with them.
     """
 
     def __init__(
@@ -123,10 +131,12 @@ class DetectionDataset(Dataset):
         masks: bool = False,
         read: Callable[[str], Image.Image] = decode_image,
         seed: int = 0,
+        flip: bool | None = None,
     ):
         self.records = list(records)
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.train, self.masks, self.read = train, masks, read
+        self.flip = train if flip is None else flip
         if masks and any(r.segmentations is None for r in self.records):
             raise DetectionDataError("masks were asked for, but the annotations have no segmentations")
         self.generator = torch.Generator().manual_seed(seed)
@@ -164,7 +174,7 @@ class DetectionDataset(Dataset):
             else:
                 masks = torch.zeros((0, out_h, out_w), dtype=torch.uint8)
             target["masks"] = masks
-        if self.train and torch.rand((), generator=self.generator) < 0.5:
+        if self.flip and torch.rand((), generator=self.generator) < 0.5:
             pixels = pixels.flip(-1)
             b = target["boxes"]
             target["boxes"] = torch.stack([out_w - b[:, 2], b[:, 1], out_w - b[:, 0], b[:, 3]], dim=1)

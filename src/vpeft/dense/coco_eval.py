@@ -23,12 +23,12 @@ import torch
 from vpeft.errors import VPeftError
 
 #: metric name -> (iou type, index into COCOeval.stats)
-_STATS = {"ap": 0, "ap50": 1, "ap75": 2}
+_STATS = {"AP": 0, "AP50": 1, "AP75": 2}
 IOU_TYPES = {"box": "bbox", "mask": "segm"}
 
 
 def metric_names(masks: bool) -> list[str]:
-    """The names :func:`coco_metrics` returns: box_ap, box_ap50, box_ap75 (and mask_* when ``masks``)."""
+    """The names :func:`coco_metrics` returns: box_AP, box_AP50, box_AP75 (and mask_* when ``masks``)."""
     kinds = ["box", "mask"] if masks else ["box"]
     return [f"{kind}_{stat}" for kind in kinds for stat in _STATS]
 
@@ -104,7 +104,7 @@ class CocoAccumulator:
             self.detections.append(det)
 
     def compute(self) -> dict[str, float]:
-        """box_ap, box_ap50, box_ap75 (and mask_*) over everything added, as fractions."""
+        """box_AP, box_AP50, box_AP75 (and mask_*) over everything added, as fractions."""
         if not any(not a["iscrowd"] for a in self.annotations):
             raise VPeftError("no ground-truth objects were added; AP is undefined on data without objects")
         out: dict[str, float] = {}
