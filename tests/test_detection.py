@@ -117,3 +117,238 @@ def test_mask_ap_perfect_and_half():
 def test_ap_bad_input(targets, preds, kwargs, match):
     with pytest.raises(VPeftError, match=match):
         coco_metrics(targets, preds, [SIZE] * len(targets), categories=[1], **kwargs)
+
+
+# ---------------------------------------------------------------- detectors over the dense encoder
+
+import timm  # noqa: E402
+
+import vpeft  # noqa: E402
+from vpeft.dense.detection import ARCHITECTURES, build_detector, load_detector, save_detector  # noqa: E402
+from vpeft.dense.encoder import dense_encoder  # noqa: E402
+from vpeft.errors import ConfigError  # noqa: E402
+
+DET_IMG = 64
+#: tiny backbones at 64 px, without a classifier (a dense encoder refuses one)
+DET_BACKBONES = {
+    "vit": (
+        "vit_tiny_patch16_224",
+        dict(img_size=DET_IMG, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=0),
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=DET_IMG, window_size=2, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), embed_dim=16, num_classes=0),
+    ),
+}
+SMALL = dict(fpn_channels=32, representation_size=64)
+
+
+def _backbone(key: str, method: str | None, seed: int = 0) -> torch.nn.Module:
+    name, kwargs = DET_BACKBONES[key]
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with torch.no_grad():  # no parameter at exactly zero: a test cannot pass on an all-zero tensor
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    if method is not None:
+        vpeft.apply(model, method)
+    return model
+
+
+def _batch(n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, DET_IMG, DET_IMG, generator=g) for _ in range(n)]
+    targets = []
+    for i in range(n):
+        masks = torch.zeros(2, DET_IMG, DET_IMG, dtype=torch.uint8)
+        masks[0, 8:30, 4:26] = 1
+        masks[1, 36 + i : 60, 30:62] = 1
+        boxes = torch.tensor([[4.0, 8, 26, 30], [30, 36 + i, 62, 60]])
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks})
+    return images, targets
+
+
+#: (backbone, detector, method): every detector with the frozen backbone ("linear") and LoRA on both
+#: backbones, and Adapter / BitFit / full with FCOS (the fastest)
+GRAD_CASES = [(b, a, m) for b in DET_BACKBONES for a in ARCHITECTURES for m in ("linear", "lora")] + [
+    (b, "fcos", m) for b in DET_BACKBONES for m in ("adapter", "bitfit", "full")
+]
+
+
+@pytest.mark.parametrize("backbone,arch,method", GRAD_CASES)
+def test_detector_gradients_only_where_they_belong(backbone, arch, method):
+    model = _backbone(backbone, method)
+    method_params = set(vpeft.trainable_parameters(model))
+    detector = build_detector(dense_encoder(model), arch, num_classes=3, **SMALL)
+    detector.train()
+    images, targets = _batch()
+    losses = detector(images, targets)
+    expected_terms = {"maskrcnn": "loss_mask", "fcos": "bbox_ctrness", "retinanet": "bbox_regression"}[arch]
+    assert expected_terms in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    prefix = "backbone.encoder.backbone."
+    for name, p in detector.named_parameters():
+        if name.startswith(prefix):
+            # the backbone trains exactly what the method trains; frozen weights get no gradient at all
+            assert p.requires_grad == (name[len(prefix) :] in method_params), name
+            if not p.requires_grad:
+                assert p.grad is None, name
+        else:  # neck, heads (and the ViT's pyramid) all train
+            assert p.requires_grad, name
+    got = {n for n, p in detector.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(n.startswith("backbone.fpn.") for n in got)
+    backbone_got = {n[len(prefix) :] for n in got if n.startswith(prefix)}
+    if method == "linear":  # the frozen row: nothing in the timm backbone trains
+        assert not method_params and not backbone_got
+    else:
+        assert backbone_got and backbone_got <= method_params
+    if method == "lora":  # LoRA's B starts at zero, so only B gets a gradient on the first step
+        assert all(".lora_B." in n for n in backbone_got), backbone_got
+    # inference returns torchvision's predictions at the input size
+    detector.eval()
+    with torch.no_grad():
+        out = detector(images)
+    assert len(out) == 2 and out[0]["boxes"].shape[-1] == 4
+    if arch == "maskrcnn":
+        assert out[0]["masks"].shape[-2:] == (DET_IMG, DET_IMG)
+
+
+def test_detector_levels_and_anchors_follow_the_strides():
+    encoder = dense_encoder(_backbone("swin", "linear"))
+    assert encoder.strides == [4, 8, 16, 32]
+    fcos = build_detector(encoder, "fcos", 3, **SMALL)
+    assert fcos.backbone.strides == [8, 16, 32, 64, 128]  # P3-P7, as torchvision's FCOS / RetinaNet
+    assert [s[0] for s in fcos.anchor_generator.sizes] == [8, 16, 32, 64, 128]  # one point per location
+    retina = build_detector(encoder, "retinanet", 3, **SMALL)
+    assert retina.anchor_generator.sizes[0] == pytest.approx((32, 32 * 2 ** (1 / 3), 32 * 2 ** (2 / 3)))
+    mask = build_detector(encoder, "maskrcnn", 3, **SMALL)
+    assert mask.backbone.strides == [4, 8, 16, 32, 64]  # P2-P6
+    assert [s[0] for s in mask.rpn.anchor_generator.sizes] == [32, 64, 128, 256, 512]
+    # images are normalised with the backbone's statistics and never resized
+    assert mask.transform.min_size == (DET_IMG,) and mask.transform.max_size == DET_IMG
+    x = torch.rand(3, DET_IMG, DET_IMG)
+    batched, _ = mask.transform([x])
+    assert batched.tensors.shape[-2:] == (DET_IMG, DET_IMG)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(architecture="yolo", num_classes=3), "unknown detector 'yolo'"),
+        (dict(architecture="fcos", num_classes=1), "K object classes need K \\+ 1"),
+        (dict(architecture="fcos", num_classes=3, fpn_channels=40), "multiple of 32"),
+    ],
+)
+def test_detector_bad_options(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        build_detector(dense_encoder(_backbone("swin", "linear")), **kwargs)
+
+
+@pytest.mark.parametrize("backbone,arch,method", [("vit", "maskrcnn", "lora"), ("swin", "retinanet", "adapter")])
+def test_head_saved_with_the_adapter_and_reloaded_exactly(tmp_path, backbone, arch, method):
+    detector = build_detector(dense_encoder(_backbone(backbone, method)), arch, num_classes=3, **SMALL)
+    opt = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=0.05)
+    detector.train()
+    for _ in range(2):  # move every trainable tensor (LoRA's B included) away from its init
+        opt.zero_grad()
+        sum(detector(*_batch()).values()).backward()
+        opt.step()
+    save_detector(detector, tmp_path / "det", architecture=arch, num_classes=3, **SMALL)
+    assert {p.name for p in (tmp_path / "det").iterdir()} >= {"adapter.safetensors", "dense_head.safetensors"}
+    fresh = _backbone(backbone, None, seed=0)
+    reloaded = load_detector(fresh, tmp_path / "det")
+    before, after = detector.state_dict(), reloaded.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    detector.eval()
+    reloaded.eval()
+    images, _ = _batch()
+    with torch.no_grad():
+        a, b = detector(images), reloaded(images)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["boxes"], y["boxes"]) and torch.equal(x["scores"], y["scores"])
+    # a backbone without a method cannot be saved as an adapter
+    plain = build_detector(dense_encoder(_backbone("swin", None)), "fcos", 3, **SMALL)
+    with pytest.raises(VPeftError, match="no vpeft method applied"):
+        save_detector(plain, tmp_path / "x", architecture="fcos", num_classes=3)
+
+
+# ---------------------------------------------------------------- the task type, end to end on synthetic data
+
+
+def _train(task, model, loader, steps: int, lr: float) -> list[float]:
+    from vpeft.train.trainer import set_train_mode
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses: list[float] = []
+    while len(losses) < steps:
+        for batch in loader:
+            set_train_mode(model)
+            loss = task.loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if len(losses) == steps:
+                break
+    return losses
+
+
+@pytest.mark.parametrize(
+    "detector,method,steps,lr,min_ap50",
+    [("fcos", "lora", 40, 3e-3, 50.0), ("fcos", "linear", 40, 3e-3, 50.0), ("maskrcnn", "full", 8, 2e-3, None)],
+)
+def test_task_trains_on_a_coco_folder(tmp_path, detector, method, steps, lr, min_ap50):
+    from det_data import make_coco
+    from vpeft.tasks.detection import Detection
+
+    task = Detection()
+    data = task.load_task(str(make_coco(tmp_path / "coco", n_train=8, n_val=4, size=DET_IMG)))
+    assert data.num_classes == 2 and data.has_masks
+    options = task.options({"detector": detector, **SMALL})
+    torch.manual_seed(0)
+    model = task.build(_backbone("swin", method), data.num_classes, options)
+    assert model.image_size == (DET_IMG, DET_IMG) and model.predicts_masks == (detector == "maskrcnn")
+    train = task.dataset(data, "train", model, options, train=True)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, collate_fn=task.collate)
+    seen = task.dataset(data, "train", model, options, train=False)
+    eval_batches = list(torch.utils.data.DataLoader(seen, batch_size=4, collate_fn=task.collate))
+    assert task.batch_size(eval_batches[0]) == 4
+    before = task.evaluate(model, eval_batches)
+    losses = _train(task, model, loader, steps, lr)
+    after = task.evaluate(model, eval_batches)
+    assert set(after) == set(task.metric_names[: 6 if detector == "maskrcnn" else 3])
+    assert all(0.0 <= v <= 100.0 for v in after.values())
+    assert np.mean(losses[-4:]) < 0.6 * np.mean(losses[:4]), losses
+    if min_ap50 is not None:  # boxes learned on the training images: far above a random detector's ~0
+        assert before["box_AP50"] < 5.0 and after["box_AP50"] > min_ap50, (before, after)
+    model.train()  # evaluate restores the mode it found
+    task.evaluate(model, eval_batches[:1])
+    assert model.training
+    with pytest.raises(VPeftError, match="needs the model in training mode"):
+        model.eval()
+        task.loss(model, eval_batches[0])
+
+
+def test_task_on_voc_and_its_option_errors(tmp_path):
+    from det_data import make_voc
+    from vpeft.tasks.detection import Detection
+
+    task = Detection()
+    data = task.load_task(f"voc:{make_voc(tmp_path / 'voc', size=DET_IMG)}")
+    model = task.build(_backbone("swin", "bitfit"), data.num_classes, task.options({"detector": "fcos", **SMALL}))
+    with pytest.raises(ConfigError, match="needs instance masks"):
+        mask_model = task.build(_backbone("swin", "bitfit"), 2, task.options({"detector": "maskrcnn", **SMALL}))
+        task.dataset(data, "train", mask_model, task.options({"detector": "maskrcnn"}), train=True)
+    ds = task.dataset(data, "val", model, task.options({"detector": "fcos"}), train=False)
+    metrics = task.evaluate(model, [task.collate([ds[i] for i in range(len(ds))])])
+    assert set(metrics) == {"box_AP", "box_AP50", "box_AP75"}
+    with pytest.raises(ConfigError, match="has 2 categories, not 5"):
+        task.load_task(f"voc:{tmp_path / 'voc'}", num_classes=5)
+    for bad, match in [
+        ({"detector": "ssd"}, "must be one of"),
+        ({"detector": "fcos", "fpn_channels": 48}, "multiple of 32"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            task.options(bad)
