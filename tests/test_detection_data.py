@@ -40,6 +40,8 @@ def test_coco_layout_parses(coco_root):
     assert data.kind == "coco" and data.has_masks
     assert data.categories == [(10, "square"), (20, "disk")] and data.num_classes == 2
     assert len(data.records("train")) == 6 and len(data.records("val")) == 3
+    assert data.records("trainval") == data.records("train") + data.records("val")  # the final protocol's split
+    assert "test" not in data.splits and data.spec() == f"coco:{coco_root}"
     raw = json.loads((coco_root / "annotations" / "instances_train.json").read_text())
     first = [a for a in raw["annotations"] if a["image_id"] == 100]
     rec = data.records("train")[0]

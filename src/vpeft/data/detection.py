@@ -71,6 +71,7 @@ class DetectionData:
     categories: list[tuple[int, str]]
     splits: dict[str, list[DetectionRecord]]
     has_masks: bool = False
+    group: str = "detection"
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +90,7 @@ class DetectionData:
         ]
 
     def spec(self) -> str:
-        return f"{self.kind}:{self.root}"
+        return "mini-dense:detection" if self.kind == "mini-dense" else f"{self.kind}:{self.root}"
 
 
 # ---------------------------------------------------------------- the dataset
@@ -340,8 +341,19 @@ def _coco_split(
     return records
 
 
-def load_coco(root: str | Path, splits: Sequence[str] = ("train", "val"), masks: bool | None = None) -> DetectionData:
-    """A COCO-layout folder; ``masks`` None loads segmentations when every annotation has one."""
+def _with_trainval(splits: dict[str, list[DetectionRecord]]) -> dict[str, list[DetectionRecord]]:
+    """The final protocol trains on train + val: add that split when the folder has no trainval of its own."""
+    if "trainval" not in splits and "train" in splits and "val" in splits:
+        splits["trainval"] = splits["train"] + splits["val"]
+    return splits
+
+
+SPLITS = ("train", "val", "trainval", "test")
+
+
+def load_coco(root: str | Path, splits: Sequence[str] = SPLITS, masks: bool | None = None) -> DetectionData:
+    """A COCO-layout folder (the listed splits that exist; train is required, trainval = train + val unless
+    the folder has its own); ``masks`` None loads segmentations when every annotation has one."""
     root = Path(root)
     paths = {split: _coco_json(root, split) for split in splits}
     if paths.get("train") is None:
@@ -365,7 +377,7 @@ def load_coco(root: str | Path, splits: Sequence[str] = ("train", "val"), masks:
         if [(int(c["id"]), str(c.get("name", c["id"]))) for c in split_data["categories"]] != categories:
             raise DetectionDataError(f"{path} lists other categories than {paths['train']}; use one category list")
         out[split] = _coco_split(path, split_data, _coco_image_dir(root, split), label_of, masks=masks)
-    return DetectionData(root.name, "coco", str(root), categories, out, has_masks=masks)
+    return DetectionData(root.name, "coco", str(root), categories, _with_trainval(out), has_masks=masks)
 
 
 # ---------------------------------------------------------------- PASCAL VOC
@@ -401,9 +413,7 @@ def _voc_ids(root: Path, split: str) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-def load_voc(
-    root: str | Path, splits: Sequence[str] = ("train", "val"), classes: Sequence[str] | None = None
-) -> DetectionData:
+def load_voc(root: str | Path, splits: Sequence[str] = SPLITS, classes: Sequence[str] | None = None) -> DetectionData:
     """A PASCAL VOC-layout folder. Classes: ``classes``, else the 20 VOC classes when every object is one of
     them, else the sorted object names of the listed splits."""
     root = Path(root)
@@ -460,10 +470,11 @@ def load_voc(
             )
         _check_files(records, str(root / "ImageSets" / "Main" / f"{split}.txt"))
         out[split] = records
-    return DetectionData(root.name, "voc", str(root), [(i + 1, n) for i, n in enumerate(classes)], out)
+    categories = [(i + 1, n) for i, n in enumerate(classes)]
+    return DetectionData(root.name, "voc", str(root), categories, _with_trainval(out))
 
 
-def load_detection(spec: str, splits: Sequence[str] = ("train", "val"), masks: bool | None = None) -> DetectionData:
+def load_detection(spec: str, splits: Sequence[str] = SPLITS, masks: bool | None = None) -> DetectionData:
     """``coco:ROOT``, ``voc:ROOT`` or a folder in either layout (told apart by its files)."""
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("coco", "voc"):

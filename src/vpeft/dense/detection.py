@@ -13,19 +13,17 @@ Levels and anchors follow torchvision's COCO models, expressed in strides so tha
 
 Labels are 1..K for every detector (``num_classes`` = K + 1; 0 is the background of Mask R-CNN and never
 a target of the others). Images enter as [0, 1] tensors already at the model's input size; the detector
-normalises them with the backbone's mean and std and does not resize them.
+normalises them with the backbone's mean and std and does not resize them. The detection task type
+(:mod:`vpeft.tasks.detection`) saves the neck and heads with the method's adapter
+(:func:`vpeft.tasks.save_task_model`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -36,14 +34,10 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from vpeft.api import get_state, load_adapter, save_adapter
 from vpeft.dense.encoder import DenseEncoder
-from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
+from vpeft.errors import ConfigError
 
 ARCHITECTURES = ("fcos", "retinanet", "maskrcnn")
-HEAD_WEIGHTS = "dense_head.safetensors"
-HEAD_CONFIG = "dense_head.json"
-_BACKBONE_PREFIX = "backbone.encoder.backbone."
 
 
 class EncoderFPN(nn.Module):
@@ -169,76 +163,10 @@ def detector_loss(detector: nn.Module, images: list[torch.Tensor], targets: list
     return sum(losses.values())  # type: ignore[return-value]
 
 
-# ---------------------------------------------------------------- save / load
-
-
-def _encoder_of(detector: nn.Module) -> DenseEncoder:
-    encoder = getattr(getattr(detector, "backbone", None), "encoder", None)
-    if not isinstance(encoder, DenseEncoder):
-        raise VPeftError("not a vpeft detector: build it with vpeft.dense.detection.build_detector")
-    return encoder
-
-
-def head_state(detector: nn.Module) -> dict[str, torch.Tensor]:
-    """Everything of the detector outside the timm backbone: the ViT pyramid, the FPN, the heads (with buffers)."""
-    _encoder_of(detector)
-    return {
-        name: t.detach().contiguous().cpu()
-        for name, t in detector.state_dict().items()
-        if not name.startswith(_BACKBONE_PREFIX)
-    }
-
-
-def save_detector(detector: nn.Module, directory: str | os.PathLike, **build_options: Any) -> Path:
-    """Write the method's adapter (``vpeft.save_adapter``), the neck and heads, and how to rebuild them.
-
-    ``build_options`` are the :func:`build_detector` arguments besides the encoder (architecture,
-    num_classes, ...); :func:`load_detector` rebuilds the detector from them.
-    """
-    encoder = _encoder_of(detector)
-    if get_state(encoder.backbone) is None:
-        raise VPeftError(
-            "the detector's backbone has no vpeft method applied; apply one (e.g. 'linear' for a frozen "
-            "backbone, 'full' for full fine-tuning) before building the detector, so the adapter can be saved"
-        )
-    if "architecture" not in build_options or "num_classes" not in build_options:
-        raise ConfigError("save_detector needs the build options, at least architecture= and num_classes=")
-    out = save_adapter(encoder.backbone, directory)
-    save_file(head_state(detector), str(out / HEAD_WEIGHTS), metadata={"task": "detection"})
-    (out / HEAD_CONFIG).write_text(json.dumps({"task": "detection", **build_options}, indent=2, sort_keys=True) + "\n")
-    return out
-
-
-def load_detector(backbone: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved detector over ``backbone`` (a fresh timm model with num_classes=0, no method applied)."""
-    from vpeft.dense.encoder import dense_encoder
-
-    path = Path(directory)
-    if not (path / HEAD_CONFIG).is_file():
-        raise FileNotFoundError(f"no {HEAD_CONFIG} in '{directory}'; pass a folder written by save_detector")
-    options = json.loads((path / HEAD_CONFIG).read_text())
-    if options.pop("task", None) != "detection":
-        raise AdapterMismatchError(f"'{directory}' holds no detector (its {HEAD_CONFIG} is for another task)")
-    load_adapter(backbone, path)
-    detector = build_detector(dense_encoder(backbone), **options)
-    tensors = load_file(str(path / HEAD_WEIGHTS))
-    expected = head_state(detector)
-    if set(tensors) != set(expected):
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise AdapterMismatchError(
-            f"detector head weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    detector.load_state_dict(tensors, strict=False)
-    return detector
-
-
 __all__ = [
     "ARCHITECTURES",
     "EncoderFPN",
     "build_detector",
     "detector_loss",
-    "head_state",
     "image_size_of",
-    "load_detector",
-    "save_detector",
 ]

@@ -59,12 +59,16 @@ class Detection(TaskType):
     #: mask_* are reported by the maskrcnn detector only
     metric_names = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
     options_class = DetectionOptions
-    data_kinds = ("coco", "voc")
+    data_kinds = ("coco", "voc", "mini-dense")
 
     # ------------------------------------------------------------ data
 
     def load_task(self, spec: str, num_classes: int | None = None) -> DetectionData:
-        data = load_detection(spec)
+        kind, _, rest = spec.partition(":")
+        if kind == "mini-dense":
+            data = _mini_dense(rest)
+        else:
+            data = load_detection(spec)
         if num_classes is not None and num_classes != data.num_classes:
             raise ConfigError(
                 f"the detection data '{spec}' has {data.num_classes} categories, not {num_classes}; "
@@ -134,6 +138,21 @@ class Detection(TaskType):
         if not acc.images:
             return dict.fromkeys(self.metric_names[: 6 if masks else 3], 0.0)
         return {name: 100.0 * value for name, value in acc.compute().items()}
+
+
+def _mini_dense(name: str) -> DetectionData:
+    """``mini-dense:detection``: the mini dense suite's canvases as COCO instances (5 classes, masks)."""
+    from vpeft.assets.mini_dense import mini_dense_root
+
+    if name != "detection":
+        raise ConfigError(
+            f"'mini-dense:{name}' is not a detection task; the mini dense suite has: "
+            "mini-dense:detection (task type detection), mini-dense:segmentation (task type segmentation)"
+        )
+    root = mini_dense_root()
+    data = load_detection(f"coco:{root}")
+    data.name, data.kind, data.root = "mini-det", "mini-dense", str(root)
+    return data
 
 
 def _train_targets(targets: list[dict], model: nn.Module) -> list[dict]:
