@@ -56,14 +56,16 @@ def _bbox(m: np.ndarray) -> list[float]:
 
 
 def make_coco(
-    root: Path, n_train: int = 6, n_val: int = 3, size: int = 48, seed: int = 0, split_dir: str = "{}"
+    root: Path, n_train: int = 6, n_val: int = 3, size: int = 48, seed: int = 0, split_dir: str = "{}", n_test: int = 0
 ) -> Path:
     """annotations/instances_{train,val}.json and images in ``split_dir.format(split)``."""
     from pycocotools import mask as mask_utils
 
     rng = np.random.default_rng(seed)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if not n:
+            continue
         folder = root / split_dir.format(split)
         folder.mkdir(parents=True, exist_ok=True)
         images, anns = [], []
@@ -91,14 +93,16 @@ def make_coco(
 
 
 def make_voc(
-    root: Path, n_train: int = 4, n_val: int = 2, size: int = 40, seed: int = 0, difficult: bool = True
+    root: Path, n_train: int = 4, n_val: int = 2, size: int = 40, seed: int = 0, difficult: bool = True, n_test: int = 0
 ) -> Path:
     """Annotations/*.xml (1-based inclusive boxes), ImageSets/Main/{train,val}.txt, JPEGImages/*.jpg."""
     rng = np.random.default_rng(seed)
     for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     k = 0
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        if not n:
+            continue
         ids = []
         for _ in range(n):
             image_id = f"2007_{k:06d}"

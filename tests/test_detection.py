@@ -344,7 +344,8 @@ def test_task_on_voc_and_its_option_errors(tmp_path):
     with pytest.raises(ConfigError, match="needs instance masks"):
         mask_model = task.build(_backbone("swin", "bitfit"), 2, task.options({"detector": "maskrcnn", **SMALL}))
         task.dataset(data, "train", mask_model, task.options({"detector": "maskrcnn"}), train=True)
-    ds = task.dataset(data, "val", model, task.options({"detector": "fcos"}), train=False)
+    assert data.records("val") == [] and len(data.records("test")) == 2  # no test split: test = VOC's val
+    ds = task.dataset(data, "test", model, task.options({"detector": "fcos"}), train=False)
     metrics = task.evaluate(model, [task.collate([ds[i] for i in range(len(ds))])])
     assert set(metrics) == {"box_AP", "box_AP50", "box_AP75"}
     with pytest.raises(ConfigError, match="has 2 categories, not 5"):
@@ -355,3 +356,26 @@ def test_task_on_voc_and_its_option_errors(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=match):
             task.options(bad)
+
+
+def test_vpeft_run_trains_and_records_a_detection_task(tmp_path):
+    from det_data import make_coco
+    from vpeft.tasks import load_task_model
+    from vpeft.train import RunSpec, TrainConfig, run
+
+    root = make_coco(tmp_path / "coco", n_train=8, n_val=4, size=DET_IMG, n_test=4)
+    name, args = DET_BACKBONES["swin"]
+    args = {k: v for k, v in args.items() if k != "num_classes"}  # the run creates the backbone without a head
+    train = TrainConfig(
+        epochs=10, warmup_epochs=0, batch_size=4, lr=3e-3, weight_decay=1e-4, drop_path=0.0, device="cpu"
+    )
+    spec = RunSpec(model=name, model_args=args, pretrained=False, data=f"coco:{root}", method="lora", mode="final",
+                   task_type="detection", task_options={"detector": "fcos", **SMALL}, train=train)  # fmt: skip
+    record = run(spec, tmp_path / "run", progress=False)
+    assert record["status"] == "ok" and record["task_type"] == "detection" and record["primary_metric"] == "box_AP"
+    assert record["eval_split"] == "test"
+    assert record["score"] == record["box_AP"] and 0.0 <= record["box_AP"] <= 100.0 and "mask_AP" not in record
+    assert record["head_params"] > 0 and record["trainable_params"] > 0
+    with pytest.warns(UserWarning, match="weights differ"):  # _backbone perturbs the random init
+        reloaded = load_task_model(_backbone("swin", None), tmp_path / "run")
+    assert reloaded.image_size == (DET_IMG, DET_IMG)

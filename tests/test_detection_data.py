@@ -22,7 +22,7 @@ from vpeft.data.detection import (
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    return make_coco(tmp_path_factory.mktemp("coco"))
+    return make_coco(tmp_path_factory.mktemp("coco"), n_test=2)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,10 @@ def test_coco_layout_parses(coco_root):
     data = load_detection(str(coco_root))
     assert data.kind == "coco" and data.has_masks
     assert data.categories == [(10, "square"), (20, "disk")] and data.num_classes == 2
-    assert len(data.records("train")) == 6 and len(data.records("val")) == 3
-    assert data.records("trainval") == data.records("train") + data.records("val")  # the final protocol's split
-    assert "test" not in data.splits and data.spec() == f"coco:{coco_root}"
+    # with a test split: tune = train -> val, final = train + val -> test
+    assert len(data.records("train")) == 6 and len(data.records("val")) == 3 and len(data.records("test")) == 2
+    assert data.records("trainval") == data.records("train") + data.records("val")
+    assert data.spec() == f"coco:{coco_root}"
     raw = json.loads((coco_root / "annotations" / "instances_train.json").read_text())
     first = [a for a in raw["annotations"] if a["image_id"] == 100]
     rec = data.records("train")[0]
@@ -55,8 +56,8 @@ def test_coco_layout_parses(coco_root):
         assert image.shape == (3, 48, 48) and 0.0 <= image.min() and image.max() <= 1.0
         for box, mask in zip(target["boxes"], target["masks"], strict=True):
             assert _mask_box(mask) == pytest.approx(box.tolist())
-    with pytest.raises(DetectionDataError, match="no 'test' split"):
-        data.records("test")
+    with pytest.raises(DetectionDataError, match="no 'extra' split"):
+        data.records("extra")
     pairs = data.split("train")  # (image, objects) strings: what a run's data fingerprint reads
     assert pairs[0][0] == rec.path and str(rec.labels.tolist()) in pairs[0][1]
 
@@ -66,10 +67,14 @@ def test_coco_2017_names_and_no_masks(tmp_path):
     for split in ("train", "val"):
         (root / "annotations" / f"instances_{split}.json").rename(root / "annotations" / f"instances_{split}2017.json")
     data = load_coco(root, masks=False)
-    assert not data.has_masks and data.records("val")[0].segmentations is None
-    assert data.records("val")[0].path.endswith("val2017/val_000.png")
+    assert not data.has_masks and data.records("test")[0].segmentations is None
+    # no test split (COCO 2017): test = the official val, trainval = the official train, carved 9:1 for tuning
+    assert data.records("test")[0].path.endswith("val2017/val_000.png") and len(data.records("test")) == 3
+    assert len(data.records("trainval")) == 6 and len(data.records("train")) == 6 and data.records("val") == []
+    big = load_coco(make_coco(tmp_path / "big", n_train=20, n_val=2))
+    assert len(big.records("train")) == 18 and [r.path[-7:] for r in big.records("val")] == ["009.png", "019.png"]
     with pytest.raises(DetectionDataError, match="no segmentations"):
-        DetectionDataset(data.records("val"), size=32, masks=True)
+        DetectionDataset(data.records("test"), size=32, masks=True)
 
 
 def test_resize_and_flip_move_boxes_with_the_pixels(coco_root):
@@ -179,7 +184,8 @@ def test_coco_other_errors(tmp_path, coco_root):
         load_coco(tmp_path)
     # an image whose real size differs from its annotation is caught when it is read
     _edit_coco(root, _set("width", 50, where="images"))
-    data = load_coco(root, splits=("train",), masks=False)
+    shutil.copy(coco_root / "annotations" / "instances_val.json", root / "annotations" / "instances_val.json")
+    data = load_coco(root, masks=False)
     with pytest.raises(DetectionDataError, match="its annotation says 50x48"):
         DetectionDataset(data.records("train"), size=32)[0]
 

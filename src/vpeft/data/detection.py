@@ -341,19 +341,29 @@ def _coco_split(
     return records
 
 
-def _with_trainval(splits: dict[str, list[DetectionRecord]]) -> dict[str, list[DetectionRecord]]:
-    """The final protocol trains on train + val: add that split when the folder has no trainval of its own."""
-    if "trainval" not in splits and "train" in splits and "val" in splits:
-        splits["trainval"] = splits["train"] + splits["val"]
-    return splits
+def _protocol(found: dict[str, list[DetectionRecord]], where: str) -> dict[str, list[DetectionRecord]]:
+    """The protocol splits, as for segmentation: with a test split, ``tune`` trains on train and scores val,
+    ``final`` trains on trainval (train + val unless the folder has its own) and scores test. Without one
+    (COCO, VOC 2012: results are reported on the official validation set), ``test`` is the official val,
+    ``trainval`` the official train, and train / val split the official train 9:1 (every tenth image in
+    file order is val)."""
+    for split in ("train", "val"):
+        if split not in found:
+            raise DetectionDataError(f"{where}: no '{split}' split; a detection folder needs train and val annotations")
+    if "test" in found:
+        return {**found, "trainval": found.get("trainval") or found["train"] + found["val"]}
+    ordered = sorted(found["train"], key=lambda r: r.path)
+    tune_train = [r for i, r in enumerate(ordered) if i % 10 != 9]
+    tune_val = [r for i, r in enumerate(ordered) if i % 10 == 9]
+    return {"train": tune_train, "val": tune_val, "trainval": found["train"], "test": found["val"]}
 
 
 SPLITS = ("train", "val", "trainval", "test")
 
 
 def load_coco(root: str | Path, splits: Sequence[str] = SPLITS, masks: bool | None = None) -> DetectionData:
-    """A COCO-layout folder (the listed splits that exist; train is required, trainval = train + val unless
-    the folder has its own); ``masks`` None loads segmentations when every annotation has one."""
+    """A COCO-layout folder (its train, val and optional test annotations, in the protocol splits of
+    :func:`_protocol`); ``masks`` None loads segmentations when every annotation has one."""
     root = Path(root)
     paths = {split: _coco_json(root, split) for split in splits}
     if paths.get("train") is None:
@@ -377,7 +387,7 @@ def load_coco(root: str | Path, splits: Sequence[str] = SPLITS, masks: bool | No
         if [(int(c["id"]), str(c.get("name", c["id"]))) for c in split_data["categories"]] != categories:
             raise DetectionDataError(f"{path} lists other categories than {paths['train']}; use one category list")
         out[split] = _coco_split(path, split_data, _coco_image_dir(root, split), label_of, masks=masks)
-    return DetectionData(root.name, "coco", str(root), categories, _with_trainval(out), has_masks=masks)
+    return DetectionData(root.name, "coco", str(root), categories, _protocol(out, str(root)), has_masks=masks)
 
 
 # ---------------------------------------------------------------- PASCAL VOC
@@ -471,7 +481,7 @@ def load_voc(root: str | Path, splits: Sequence[str] = SPLITS, classes: Sequence
         _check_files(records, str(root / "ImageSets" / "Main" / f"{split}.txt"))
         out[split] = records
     categories = [(i + 1, n) for i, n in enumerate(classes)]
-    return DetectionData(root.name, "voc", str(root), categories, _with_trainval(out))
+    return DetectionData(root.name, "voc", str(root), categories, _protocol(out, str(root)))
 
 
 def load_detection(spec: str, splits: Sequence[str] = SPLITS, masks: bool | None = None) -> DetectionData:

@@ -131,6 +131,8 @@ class Detection(TaskType):
         acc = CocoAccumulator(categories=range(1, model.num_classes + 1), masks=masks)
         try:
             for images, targets in batches:
+                if not images:
+                    continue
                 for image, target, prediction in zip(images, targets, model(images), strict=True):
                     acc.add(target, prediction, tuple(image.shape[-2:]))
         finally:
