@@ -379,3 +379,17 @@ def test_vpeft_run_trains_and_records_a_detection_task(tmp_path):
     with pytest.warns(UserWarning, match="weights differ"):  # _backbone perturbs the random init
         reloaded = load_task_model(_backbone("swin", None), tmp_path / "run")
     assert reloaded.image_size == (DET_IMG, DET_IMG)
+
+
+def test_an_input_size_off_the_coarsest_stride_is_not_padded():
+    # the mini ViT takes 28 px (patch 4): a batch padded to a multiple of 8 would not fit its patch embedding
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=0)  # fmt: skip
+    vpeft.apply(model, "lora")
+    detector = build_detector(dense_encoder(model), "fcos", 3, **SMALL)
+    assert detector.transform.size_divisible == 4
+    detector.train()
+    box = {"boxes": torch.tensor([[2.0, 3, 20, 25]]), "labels": torch.tensor([1])}
+    # two images: P7 is 1 x 1 here, and FCOS's GroupNorm needs more than one value per group in training
+    losses = detector([torch.rand(3, 28, 28), torch.rand(3, 28, 28)], [box, box])
+    assert all(torch.isfinite(v) for v in losses.values())

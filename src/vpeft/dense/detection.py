@@ -104,12 +104,17 @@ def build_detector(
     size = image_size or image_size_of(encoder)
     height, width = (size, size) if isinstance(size, int) else size
     mean, std = _image_stats(encoder)
+    # torchvision pads a batch to a multiple of size_divisible; a fixed-size ViT or Swin takes no padding,
+    # so use the largest divisor of the input size up to the coarsest stride (the FPN fits any map size)
+    divisible = encoder.strides[-1]
+    while divisible > 1 and (height % divisible or width % divisible):
+        divisible //= 2
     common: dict[str, Any] = dict(
         min_size=min(height, width),
         max_size=max(height, width),
         image_mean=mean,
         image_std=std,
-        size_divisible=encoder.strides[-1],
+        size_divisible=divisible,
     )
     if architecture == "maskrcnn":
         neck = EncoderFPN(encoder, [0, 1, 2, 3], fpn_channels, "pool")
