@@ -169,9 +169,12 @@ def _batch(n: int = 2, seed: int = 0):
 
 
 #: (backbone, detector, method): every detector with the frozen backbone ("linear") and LoRA on both
-#: backbones, and Adapter / BitFit / full with FCOS (the fastest)
-GRAD_CASES = [(b, a, m) for b in DET_BACKBONES for a in ARCHITECTURES for m in ("linear", "lora")] + [
-    (b, "fcos", m) for b in DET_BACKBONES for m in ("adapter", "bitfit", "full")
+#: backbones; the issue's other methods with FCOS (the fastest) on Swin, Mona (ViT only) on the ViT
+GRAD_CASES = [
+    *[(b, a, m) for b in DET_BACKBONES for a in ARCHITECTURES for m in ("linear", "lora")],
+    *[(b, "fcos", m) for b in DET_BACKBONES for m in ("adapter", "bitfit", "full")],
+    *[("swin", "fcos", m) for m in ("adaptformer", "ssf", "ln_tune", "partial_k")],
+    ("vit", "fcos", "mona"),
 ]
 
 
