@@ -18,20 +18,16 @@ import torch
 import vpeft
 from vpeft.dense.detection import build_detector
 from vpeft.dense.encoder import dense_encoder
+from vpeft.errors import UnsupportedBackboneError
 
-METHODS = [
-    "full",
-    "linear",
-    "lora",
-    "adapter",
-    "adaptformer",
-    "bitfit",
-    "ssf",
-    "ln_tune",
-    "partial_k",
-]  # Mona: ViT only here
+METHODS = ["linear", "lora", "adapter", "adaptformer", "bitfit", "ssf", "mona", "ln_tune", "partial_k"]
 IMG = 96
-SWIN = dict(img_size=IMG, window_size=3, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), embed_dim=32, num_classes=0)
+BACKBONES = {
+    "swin": ("swin_tiny_patch4_window7_224",
+             dict(img_size=IMG, window_size=3, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), embed_dim=32, num_classes=0)),
+    "vit": ("vit_tiny_patch16_224",
+            dict(img_size=IMG, patch_size=16, embed_dim=96, depth=4, num_heads=3, num_classes=0)),
+}  # fmt: skip
 
 
 def batch(n: int = 2):
@@ -47,10 +43,14 @@ def batch(n: int = 2):
     return images, targets
 
 
-def measure(method: str, detector_name: str, steps: int) -> dict[str, float]:
+def measure(method: str, detector_name: str, steps: int, backbone_name: str) -> dict[str, float] | None:
     torch.manual_seed(0)
-    backbone = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **SWIN)
-    vpeft.apply(backbone, method)
+    name, kwargs = BACKBONES[backbone_name]
+    backbone = timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        vpeft.apply(backbone, method)
+    except UnsupportedBackboneError:
+        return None
     detector = build_detector(dense_encoder(backbone), detector_name, 3, fpn_channels=64, representation_size=256)
     params = [p for p in detector.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -82,16 +82,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detector", default="fcos", choices=["fcos", "retinanet", "maskrcnn"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--backbone", default="swin", choices=sorted(BACKBONES))
     parser.add_argument("--methods", nargs="*", default=METHODS)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows = {m: measure(m, args.detector, args.steps) for m in args.methods}
-    full = rows.get("full") or measure("full", args.detector, args.steps)
-    print(f"detector {args.detector}, tiny Swin {IMG} px, batch 2, {args.steps} timed steps (2-core CPU, shared)")
+    rows = {m: measure(m, args.detector, args.steps, args.backbone) for m in ["full", *args.methods]}
+    full = rows["full"]
+    print(f"detector {args.detector}, tiny {args.backbone} {IMG} px, batch 2, {args.steps} timed steps "
+          f"(threads: {torch.get_num_threads()}; 2-core CPU, shared)")  # fmt: skip
     print(
         f"{'method':<12} {'method params':>13} {'neck+heads':>10} {'step s':>7} {'time/full':>9} {'peak MB':>8} {'mem/full':>8}"
     )
     for m, r in rows.items():
+        if r is None:
+            print(f"{m:<12} does not apply to {args.backbone}")
+            continue
         print(f"{m:<12} {r['method_params']:>13,} {r['head_params']:>10,} {r['step_s']:>7.3f} "
               f"{r['step_s'] / full['step_s']:>9.2f} {r['peak_mb']:>8.1f} {r['peak_mb'] / full['peak_mb']:>8.2f}")  # fmt: skip
 
