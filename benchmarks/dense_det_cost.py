@@ -1,103 +1,142 @@
-"""Memory and speed of one detector training step per method, relative to full fine-tuning.
+"""Training-step time and memory of each method on object detection, relative to full fine-tuning.
 
-Run: ``PYTHONPATH=src python benchmarks/dense_det_cost.py [--detector fcos] [--steps 3]``. A tiny Swin
-(4 stages, 96 px) and the chosen torchvision detector over its dense encoder + FPN; per method: trainable
-parameters (method; neck + heads), mean step time (forward + backward + AdamW) and the peak of memory
-allocated by tensors during a step (torch's CPU profiler), each as a ratio to full fine-tuning from the
-same run. CPU numbers are a proxy for the GPU: they show what a method adds, not GPU wall time.
+    python benchmarks/dense_det_cost.py [--detector fcos|retinanet|maskrcnn] [--backbone swin|vit] [--rounds 5]
+
+The model is the detection task's: the backbone with the method applied, as a dense encoder (a ViT gets
+the simple feature pyramid), an FPN and torchvision's detector; a step is the detector's summed losses
+on a fixed batch of two images with two boxes (and masks) each, backward, AdamW. Backbones are small
+random-init models (a 4-stage Swin and a 4-block ViT at 96 px) so every method runs on a 2-core CPU.
+Methods are timed in interleaved rounds (one step of each per round, the order reversed every other
+round) and each time ratio is the median over rounds of the method's step time over full fine-tuning's
+in the same round, so drift of a shared machine's speed cancels. Memory: on CUDA the peak allocated
+memory of a step; on CPU vpeft's estimate (parameters + autograd-saved tensors + grads + AdamW state),
+which is deterministic where process RSS is not. The FPN and heads train in every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
+import statistics
 import time
 
 import timm
 import torch
 
 import vpeft
-from vpeft.dense.detection import build_detector
-from vpeft.dense.encoder import dense_encoder
-from vpeft.errors import UnsupportedBackboneError
+from vpeft.tasks import get_task_type
+from vpeft.train.memory import SavedTensorBytes, step_memory_mb
+from vpeft.train.trainer import set_train_mode
 
-METHODS = ["linear", "lora", "adapter", "adaptformer", "bitfit", "ssf", "mona", "ln_tune", "partial_k"]
+DEFAULT_METHODS = ["full", "linear", "bitfit", "ln_tune", "partial_k", "lora", "ssf", "adapter", "adaptformer", "mona"]
 IMG = 96
 BACKBONES = {
     "swin": ("swin_tiny_patch4_window7_224",
-             dict(img_size=IMG, window_size=3, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), embed_dim=32, num_classes=0)),
-    "vit": ("vit_tiny_patch16_224",
-            dict(img_size=IMG, patch_size=16, embed_dim=96, depth=4, num_heads=3, num_classes=0)),
+             dict(img_size=IMG, window_size=3, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), embed_dim=32)),
+    "vit": ("vit_tiny_patch16_224", dict(img_size=IMG, patch_size=16, embed_dim=96, depth=4, num_heads=3)),
 }  # fmt: skip
 
 
-def batch(n: int = 2):
+def make_batch(device: str, n: int = 2):
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, IMG, IMG, generator=g) for _ in range(n)]
+    images = [torch.rand(3, IMG, IMG, generator=g).to(device) for _ in range(n)]
     targets = []
     for _ in range(n):
         masks = torch.zeros(2, IMG, IMG, dtype=torch.uint8)
         masks[0, 10:40, 8:38] = 1
         masks[1, 50:90, 44:92] = 1
-        targets.append({"boxes": torch.tensor([[8.0, 10, 38, 40], [44, 50, 92, 90]]), "labels": torch.tensor([1, 2]),
-                        "masks": masks})  # fmt: skip
+        boxes = torch.tensor([[8.0, 10, 38, 40], [44, 50, 92, 90]])
+        targets.append({"boxes": boxes.to(device), "labels": torch.tensor([1, 2], device=device),
+                        "masks": masks.to(device)})  # fmt: skip
     return images, targets
 
 
-def measure(method: str, detector_name: str, steps: int, backbone_name: str) -> dict[str, float] | None:
+def build(method: str, args) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    det = get_task_type("detection")
     torch.manual_seed(0)
-    name, kwargs = BACKBONES[backbone_name]
-    backbone = timm.create_model(name, pretrained=False, **kwargs)
-    try:
-        vpeft.apply(backbone, method)
-    except UnsupportedBackboneError:
-        return None
-    detector = build_detector(dense_encoder(backbone), detector_name, 3, fpn_channels=64, representation_size=256)
-    params = [p for p in detector.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    detector.train()
-    images, targets = batch()
+    name, kwargs = BACKBONES[args.backbone]
+    backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    vpeft.apply(backbone, method)
+    options = det.options({"detector": args.detector, "fpn_channels": args.channels, "representation_size": 256})
+    model = det.build(backbone, 2, options).to(args.device)
+    set_train_mode(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        sum(detector(images, targets).values()).backward()
-        opt.step()
 
-    step()  # warm-up: optimizer state allocated, kernels chosen
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    peak = current = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):  # allocation events in time order
-        current += event.cpu_memory_usage if event.cpu_memory_usage else 0
-        peak = max(peak, current)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - start) / steps
-    method_params = vpeft.count_trainable(backbone, include_head=False)
-    return {"method_params": method_params, "head_params": sum(p.numel() for p in params) - method_params,
-            "step_s": seconds, "peak_mb": peak / 2**20}  # fmt: skip
+def step(model, optimizer, batch) -> None:
+    loss = get_task_type("detection").loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detector", default="fcos", choices=["fcos", "retinanet", "maskrcnn"])
-    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--backbone", default="swin", choices=sorted(BACKBONES))
-    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--channels", type=int, default=64, help="FPN / head width (256 in torchvision)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    rows = {m: measure(m, args.detector, args.steps, args.backbone) for m in ["full", *args.methods]}
-    full = rows["full"]
-    print(f"detector {args.detector}, tiny {args.backbone} {IMG} px, batch 2, {args.steps} timed steps "
-          f"(threads: {torch.get_num_threads()}; 2-core CPU, shared)")  # fmt: skip
-    print(
-        f"{'method':<12} {'method params':>13} {'neck+heads':>10} {'step s':>7} {'time/full':>9} {'peak MB':>8} {'mem/full':>8}"
-    )
-    for m, r in rows.items():
-        if r is None:
-            print(f"{m:<12} does not apply to {args.backbone}")
+    methods = [m for m in args.methods.split(",") if m]
+    if "full" not in methods:
+        methods.insert(0, "full")
+    batch = make_batch(args.device)
+    built, memory, params, head = {}, {}, {}, {}
+    for m in methods:
+        try:
+            model, opt = build(m, args)
+        except vpeft.UnsupportedBackboneError as exc:
+            print(f"{m}: skipped ({str(exc).split(';')[0]})")
             continue
-        print(f"{m:<12} {r['method_params']:>13,} {r['head_params']:>10,} {r['step_s']:>7.3f} "
-              f"{r['step_s'] / full['step_s']:>9.2f} {r['peak_mb']:>8.1f} {r['peak_mb'] / full['peak_mb']:>8.2f}")  # fmt: skip
+        step(model, opt, batch)  # warm-up (allocations, lazy inits)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            step(model, opt, batch)
+            sync(args.device)
+            memory[m] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            saved = SavedTensorBytes()
+            with saved:
+                loss = get_task_type("detection").loss(model, batch)
+            loss.backward()
+            opt.zero_grad(set_to_none=True)
+            memory[m] = step_memory_mb(model, saved.total)
+        backbone = model.backbone.encoder.backbone
+        params[m] = vpeft.count_trainable(backbone, include_head=False)
+        head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
+        built[m] = (model, opt)
+    times: dict[str, list[float]] = {m: [] for m in built}
+    for r in range(args.rounds):
+        order = list(built) if r % 2 == 0 else list(reversed(built))
+        for m in order:
+            model, opt = built[m]
+            sync(args.device)
+            start = time.perf_counter()
+            step(model, opt, batch)
+            sync(args.device)
+            times[m].append(time.perf_counter() - start)
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})"
+    )
+    kind = "CUDA peak allocated" if args.device.startswith("cuda") else "estimate: params + saved + grads + AdamW"
+    print(f"detection step, {args.detector} over tiny {args.backbone} @ {IMG}px, batch 2, FPN {args.channels} ch, "
+          f"{args.rounds} rounds, {device}, {torch.get_num_threads()} threads; memory: {kind}")  # fmt: skip
+    print(
+        "| method | trainable (M, w/o head) | neck + heads (M) | step ms (median) | time / full | memory MB | memory / full |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m in built:
+        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
+        print(f"| {m} | {params[m] / 1e6:.3f} | {head[m] / 1e6:.3f} | {1000 * statistics.median(times[m]):.0f} | "
+              f"{ratio:.2f} | {memory[m]:.0f} | {memory[m] / memory['full']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
