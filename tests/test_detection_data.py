@@ -18,6 +18,7 @@ from vpeft.data.detection import (
     load_detection,
     load_voc,
 )
+from vpeft.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +225,18 @@ def test_voc_unknown_class_with_fixed_classes(voc_root):
         load_voc(voc_root, classes=["square"])
     with pytest.raises(DetectionDataError, match="no instance masks"):
         load_detection(f"voc:{voc_root}", masks=True)
+
+
+def test_mini_dense_detection_task():
+    from vpeft.tasks import get_task_type
+
+    task = get_task_type("detection")
+    data = task.load_task("mini-dense:detection")  # generated once into the cache, shared with segmentation
+    assert data.spec() == "mini-dense:detection" and data.name == "mini-det" and data.has_masks
+    assert [name for _, name in data.categories] == ["digit", "animal", "square", "disk", "triangle"]
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 400, "val": 100, "test": 200, "trainval": 500}
+    _, target = DetectionDataset(data.records("test")[:1], size=56, masks=True)[0]
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):  # boxes are tight around the masks
+        assert _mask_box(mask) == pytest.approx(box.tolist())
+    with pytest.raises(ConfigError, match="is not a detection task"):
+        task.load_task("mini-dense:segmentation")
