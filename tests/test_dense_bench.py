@@ -29,8 +29,10 @@ def test_mini_dense_suite_runs_segmentation_with_its_recipe(tmp_path) -> None:
     spec = plan.spec("lora", "mini-seg", 0, "final")
     assert spec.task_type == "segmentation" and spec.task_options == suite.defaults["task_options"]["segmentation"]
     assert spec.train.epochs == suite.defaults["train"]["epochs"]
+    det = plan.spec("lora", "mini-det", 0, "final")
+    assert det.task_type == "detection" and det.task_options == suite.defaults["task_options"]["detection"]
     jobs = plan.final_jobs()
-    assert len({j.key for j in jobs}) == 2
+    assert len({j.key for j in jobs}) == 4  # 2 methods x (segmentation, detection)
     # another head width is another run
     suite.defaults["task_options"]["segmentation"]["channels"] = 8
     assert _plan(suite, tmp_path).final_jobs()[0].key != jobs[0].key
