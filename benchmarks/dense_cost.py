@@ -50,6 +50,40 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_interleaved(built: dict, rounds: int, device: str, batch, step_fn) -> dict[str, list[float]]:
+    """Seconds of one step per method and round; rounds alternate the method order so drift cancels."""
+    times: dict[str, list[float]] = {m: [] for m in built}
+    for r in range(rounds):
+        order = list(built) if r % 2 == 0 else list(reversed(built))
+        for m in order:
+            model, opt = built[m]
+            sync(device)
+            start = time.perf_counter()
+            step_fn(model, opt, batch)
+            sync(device)
+            times[m].append(time.perf_counter() - start)
+    return times
+
+
+def machine(device: str) -> tuple[str, str]:
+    """The device's name and the kind of memory figure measured on it."""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})"
+    kind = "CUDA peak allocated" if device.startswith("cuda") else "estimate: params + saved + grads + AdamW"
+    return name, kind
+
+
+def print_ratios(built, params, head, times, memory, head_label: str = "head (M)") -> None:
+    """The Markdown table of each method's step time and memory against full fine-tuning's."""
+    print(
+        f"| method | trainable (M, w/o head) | {head_label} | step ms (median) | time / full | memory MB | memory / full |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m in built:
+        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
+        print(f"| {m} | {params[m] / 1e6:.3f} | {head[m] / 1e6:.3f} | {1000 * statistics.median(times[m]):.0f} | "
+              f"{ratio:.2f} | {memory[m]:.0f} | {memory[m] / memory['full']:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -94,30 +128,11 @@ def main() -> None:
         params[m] = vpeft.count_trainable(backbone, include_head=False)
         head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
         built[m] = (model, opt)
-    times: dict[str, list[float]] = {m: [] for m in built}
-    for r in range(args.rounds):
-        order = list(built) if r % 2 == 0 else list(reversed(built))
-        for m in order:
-            model, opt = built[m]
-            sync(args.device)
-            start = time.perf_counter()
-            step(model, opt, batch)
-            sync(args.device)
-            times[m].append(time.perf_counter() - start)
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})"
-    )
-    kind = "CUDA peak allocated" if args.device.startswith("cuda") else "estimate: params + saved + grads + AdamW"
+    times = time_interleaved(built, args.rounds, args.device, batch, step)
+    device, kind = machine(args.device)
     print(f"segmentation step, {args.model} @ {args.img}px, batch {args.batch}, UPerNet {args.channels} ch, "
           f"{args.classes} classes, {args.rounds} rounds, {device}; memory: {kind}")  # fmt: skip
-    print(
-        "| method | trainable (M, w/o head) | head (M) | step ms (median) | time / full | memory MB | memory / full |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for m in built:
-        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
-        print(f"| {m} | {params[m] / 1e6:.3f} | {head[m] / 1e6:.3f} | {1000 * statistics.median(times[m]):.0f} | "
-              f"{ratio:.2f} | {memory[m]:.0f} | {memory[m] / memory['full']:.2f} |")  # fmt: skip
+    print_ratios(built, params, head, times, memory)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ which is deterministic where process RSS is not. The FPN and heads train in ever
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import timm
 import torch
+from dense_cost import machine, print_ratios, time_interleaved  # the same protocol as segmentation's
 
 import vpeft
 from vpeft.tasks import get_task_type
@@ -113,30 +111,11 @@ def main() -> None:
         params[m] = vpeft.count_trainable(backbone, include_head=False)
         head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
         built[m] = (model, opt)
-    times: dict[str, list[float]] = {m: [] for m in built}
-    for r in range(args.rounds):
-        order = list(built) if r % 2 == 0 else list(reversed(built))
-        for m in order:
-            model, opt = built[m]
-            sync(args.device)
-            start = time.perf_counter()
-            step(model, opt, batch)
-            sync(args.device)
-            times[m].append(time.perf_counter() - start)
-    device = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({platform.processor() or 'cpu'})"
-    )
-    kind = "CUDA peak allocated" if args.device.startswith("cuda") else "estimate: params + saved + grads + AdamW"
+    times = time_interleaved(built, args.rounds, args.device, batch, step)
+    device, kind = machine(args.device)
     print(f"detection step, {args.detector} over tiny {args.backbone} @ {IMG}px, batch 2, FPN {args.channels} ch, "
           f"{args.rounds} rounds, {device}, {torch.get_num_threads()} threads; memory: {kind}")  # fmt: skip
-    print(
-        "| method | trainable (M, w/o head) | neck + heads (M) | step ms (median) | time / full | memory MB | memory / full |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for m in built:
-        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
-        print(f"| {m} | {params[m] / 1e6:.3f} | {head[m] / 1e6:.3f} | {1000 * statistics.median(times[m]):.0f} | "
-              f"{ratio:.2f} | {memory[m]:.0f} | {memory[m] / memory['full']:.2f} |")  # fmt: skip
+    print_ratios(built, params, head, times, memory, head_label="neck + heads (M)")
 
 
 if __name__ == "__main__":
