@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import vpeft
-from vpeft.errors import ConfigError, VPeftError
+from vpeft.errors import ConfigError
 from vpeft.tasks.base import TaskOptions, TaskType, backbone_of, get_task_type, head_state, save_task_model
 from vpeft.train.memory import KIND as MEMORY_ESTIMATE_KIND
 from vpeft.train.memory import SavedTensorBytes, step_memory_mb
@@ -35,9 +34,13 @@ from vpeft.train.trainer import (
     ShardedShuffle,
     TrainConfig,
     TrainingDivergedError,
+    checkpoint_state,
     distributed_from_env,
+    read_checkpoint,
     resolve_device,
+    restore_checkpoint,
     set_train_mode,
+    write_checkpoint,
 )
 
 
@@ -106,45 +109,14 @@ class TaskTrainer:
     def _save_checkpoint(self, epoch: int) -> None:
         if self.out_dir is None:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "epoch": epoch,
-            "trainable": {n: p.detach().cpu() for n, p in self.params.items()},
-            "head": head_state(self.model),  # norm statistics of the head and pyramid too
-            "optimizer": self.optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "history": [asdict(h) for h in self.history],
-            "train_seconds": self.train_seconds,
-            "images_seen": self.images_seen,
-        }
-        tmp = self.out_dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out_dir / CHECKPOINT)
+        state = checkpoint_state(self, epoch)
+        state["head"] = head_state(self.model)  # norm statistics of the head and pyramid too
+        write_checkpoint(self.out_dir, state)
 
     def _load_checkpoint(self) -> int:
-        path = self.out_dir / CHECKPOINT if self.out_dir else None
-        if path is None or not path.is_file():
-            raise VPeftError(f"--resume: no {CHECKPOINT} in '{self.out_dir}'; run without --resume to start afresh")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise VPeftError(
-                f"{path} cannot be loaded safely ({type(exc).__name__}); start afresh with --overwrite"
-            ) from None
-        if not isinstance(state, dict) or set(state.get("trainable", {})) != set(self.params):
-            raise VPeftError(f"{path} was written for another method or model; use a fresh --out folder")
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(state["trainable"][n])
+        state = read_checkpoint(self.out_dir, self.params)
         self.model.load_state_dict(state["head"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.history = [EpochStats(**h) for h in state["history"]]
-        self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
-        return int(state["epoch"]) + 1
+        return restore_checkpoint(self, state)
 
     def remove_checkpoint(self) -> None:
         if self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():

@@ -238,6 +238,63 @@ class EpochStats:
     val_acc: float | None = None
 
 
+def checkpoint_state(trainer: Any, epoch: int) -> dict[str, Any]:
+    """What resuming a trainer needs after ``epoch``: trainable tensors, optimizer, RNG, history, counters.
+
+    ``trainer`` is a :class:`Trainer` or any trainer with the same attributes (the dense task trainer)."""
+    return {
+        "epoch": epoch,
+        "trainable": {n: p.detach().cpu() for n, p in trainer.params.items()},
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else [],
+        "history": [asdict(h) for h in trainer.history],
+        "train_seconds": trainer.train_seconds,
+        "images_seen": trainer.images_seen,
+    }
+
+
+def write_checkpoint(out_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``out_dir/checkpoint.pt`` atomically (a kill leaves the previous checkpoint whole)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / CHECKPOINT)
+
+
+def read_checkpoint(out_dir: Path | None, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """Load ``out_dir/checkpoint.pt`` with ``weights_only`` and check it holds exactly ``params``."""
+    path = out_dir / CHECKPOINT if out_dir else None
+    if path is None or not path.is_file():
+        raise VPeftError(f"--resume: no {CHECKPOINT} in '{out_dir}'; run without --resume to start afresh")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, or holds pickled objects that weights_only refuses
+        raise VPeftError(
+            f"{path} cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]}); it is damaged or not a "
+            "vpeft checkpoint. Start afresh with --overwrite"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("trainable"), dict):
+        raise VPeftError(f"{path} is not a vpeft checkpoint; start afresh with --overwrite")
+    if set(state["trainable"]) != set(params):
+        raise VPeftError(f"{path} was written for another method or model; use a fresh --out folder")
+    return state
+
+
+def restore_checkpoint(trainer: Any, state: dict[str, Any]) -> int:
+    """Put a :func:`read_checkpoint` state back into ``trainer``; returns the epoch to continue from."""
+    with torch.no_grad():
+        for n, p in trainer.params.items():
+            p.copy_(state["trainable"][n])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    trainer.history = [EpochStats(**h) for h in state["history"]]
+    trainer.train_seconds, trainer.images_seen = state["train_seconds"], state["images_seen"]
+    return int(state["epoch"]) + 1
+
+
 class Trainer:
     """Trains the trainable parameters of a vpeft model; logs to JSONL (and TensorBoard when installed)."""
 
@@ -335,46 +392,10 @@ class Trainer:
     def _save_checkpoint(self, epoch: int) -> None:
         if self.out_dir is None or not self.dist.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "epoch": epoch,
-            "trainable": {n: p.detach().cpu() for n, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "history": [asdict(h) for h in self.history],
-            "train_seconds": self.train_seconds,
-            "images_seen": self.images_seen,
-        }
-        tmp = self.out_dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out_dir / CHECKPOINT)
+        write_checkpoint(self.out_dir, checkpoint_state(self, epoch))
 
     def _load_checkpoint(self) -> int:
-        path = self.out_dir / CHECKPOINT if self.out_dir else None
-        if path is None or not path.is_file():
-            raise VPeftError(f"--resume: no {CHECKPOINT} in '{self.out_dir}'; run without --resume to start afresh")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, or holds pickled objects that weights_only refuses
-            raise VPeftError(
-                f"{path} cannot be loaded safely ({type(exc).__name__}: {str(exc)[:200]}); it is damaged or not a "
-                "vpeft checkpoint. Start afresh with --overwrite"
-            ) from None
-        if not isinstance(state, dict) or not isinstance(state.get("trainable"), dict):
-            raise VPeftError(f"{path} is not a vpeft checkpoint; start afresh with --overwrite")
-        if set(state["trainable"]) != set(self.params):
-            raise VPeftError(f"{path} was written for another method or model; use a fresh --out folder")
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(state["trainable"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.history = [EpochStats(**h) for h in state["history"]]
-        self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
-        return int(state["epoch"]) + 1
+        return restore_checkpoint(self, read_checkpoint(self.out_dir, self.params))
 
     def remove_checkpoint(self) -> None:
         if self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
