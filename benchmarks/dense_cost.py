@@ -50,6 +50,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def measure_methods(methods: list[str], args, build_fn, step_fn, batch, task_type: str, encoder_of) -> tuple:
+    """Build each method's model (skipping those its backbone refuses), take a warm-up step and measure one
+    step's memory: CUDA's peak, else vpeft's estimate. Returns (built, memory MB, trainable, head params)."""
+    built, memory, params, head = {}, {}, {}, {}
+    for m in methods:
+        try:
+            model, opt = build_fn(m, args)
+        except vpeft.UnsupportedBackboneError as exc:
+            print(f"{m}: skipped ({str(exc).split(';')[0]})")
+            continue
+        step_fn(model, opt, batch)  # warm-up (allocations, lazy inits)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            step_fn(model, opt, batch)
+            sync(args.device)
+            memory[m] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            saved = SavedTensorBytes()
+            with saved:
+                loss = get_task_type(task_type).loss(model, batch)
+            loss.backward()
+            opt.zero_grad(set_to_none=True)
+            memory[m] = step_memory_mb(model, saved.total)
+        params[m] = vpeft.count_trainable(encoder_of(model).backbone, include_head=False)
+        head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
+        built[m] = (model, opt)
+    return built, memory, params, head
+
+
 def time_interleaved(built: dict, rounds: int, device: str, batch, step_fn) -> dict[str, list[float]]:
     """Seconds of one step per method and round; rounds alternate the method order so drift cancels."""
     times: dict[str, list[float]] = {m: [] for m in built}
@@ -104,30 +133,9 @@ def main() -> None:
         "label": torch.randint(0, args.classes, (args.batch, args.img, args.img), generator=g),
     }
     batch = {k: v.to(args.device) for k, v in batch.items()}
-    built, memory, params, head = {}, {}, {}, {}
-    for m in methods:
-        try:
-            model, opt = build(m, args)
-        except vpeft.UnsupportedBackboneError as exc:
-            print(f"{m}: skipped ({str(exc).split(';')[0]})")
-            continue
-        step(model, opt, batch)  # warm-up (allocations, lazy inits)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            step(model, opt, batch)
-            sync(args.device)
-            memory[m] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            saved = SavedTensorBytes()
-            with saved:
-                loss = get_task_type("segmentation").loss(model, batch)
-            loss.backward()
-            opt.zero_grad(set_to_none=True)
-            memory[m] = step_memory_mb(model, saved.total)
-        backbone = model.encoder.backbone
-        params[m] = vpeft.count_trainable(backbone, include_head=False)
-        head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
-        built[m] = (model, opt)
+    built, memory, params, head = measure_methods(
+        methods, args, build, step, batch, "segmentation", lambda model: model.encoder
+    )
     times = time_interleaved(built, args.rounds, args.device, batch, step)
     device, kind = machine(args.device)
     print(f"segmentation step, {args.model} @ {args.img}px, batch {args.batch}, UPerNet {args.channels} ch, "

@@ -19,11 +19,10 @@ import argparse
 
 import timm
 import torch
-from dense_cost import machine, print_ratios, time_interleaved  # the same protocol as segmentation's
+from dense_cost import machine, measure_methods, print_ratios, time_interleaved  # the same protocol as segmentation's
 
 import vpeft
 from vpeft.tasks import get_task_type
-from vpeft.train.memory import SavedTensorBytes, step_memory_mb
 from vpeft.train.trainer import set_train_mode
 
 DEFAULT_METHODS = ["full", "linear", "bitfit", "ln_tune", "partial_k", "lora", "ssf", "adapter", "adaptformer", "mona"]
@@ -87,30 +86,9 @@ def main() -> None:
     if "full" not in methods:
         methods.insert(0, "full")
     batch = make_batch(args.device)
-    built, memory, params, head = {}, {}, {}, {}
-    for m in methods:
-        try:
-            model, opt = build(m, args)
-        except vpeft.UnsupportedBackboneError as exc:
-            print(f"{m}: skipped ({str(exc).split(';')[0]})")
-            continue
-        step(model, opt, batch)  # warm-up (allocations, lazy inits)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            step(model, opt, batch)
-            sync(args.device)
-            memory[m] = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            saved = SavedTensorBytes()
-            with saved:
-                loss = get_task_type("detection").loss(model, batch)
-            loss.backward()
-            opt.zero_grad(set_to_none=True)
-            memory[m] = step_memory_mb(model, saved.total)
-        backbone = model.backbone.encoder.backbone
-        params[m] = vpeft.count_trainable(backbone, include_head=False)
-        head[m] = sum(p.numel() for p in model.parameters() if p.requires_grad) - params[m]
-        built[m] = (model, opt)
+    built, memory, params, head = measure_methods(
+        methods, args, build, step, batch, "detection", lambda model: model.backbone.encoder
+    )
     times = time_interleaved(built, args.rounds, args.device, batch, step)
     device, kind = machine(args.device)
     print(f"detection step, {args.detector} over tiny {args.backbone} @ {IMG}px, batch 2, FPN {args.channels} ch, "
