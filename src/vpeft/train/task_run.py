@@ -36,6 +36,7 @@ from vpeft.train.trainer import (
     TrainingDivergedError,
     checkpoint_state,
     distributed_from_env,
+    optimizer_step,
     read_checkpoint,
     resolve_device,
     restore_checkpoint,
@@ -183,19 +184,7 @@ class TaskTrainer:
                         "rate or set clip_grad"
                     )
                 window.zero_()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            if self.cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.clip_grad)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            optimizer_step(loss, self.optimizer, self.scaler, self.params, self.cfg.clip_grad)
             loss_sum += detached.double() * n
             seen += n
         seconds = time.perf_counter() - started

@@ -238,6 +238,25 @@ class EpochStats:
     val_acc: float | None = None
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any,
+                   params: dict[str, nn.Parameter], clip_grad: float | None) -> None:  # fmt: skip
+    """One optimisation step: zero the gradients, backward (through the fp16 grad scaler when there is one),
+    clip the trainable parameters' gradient norm if asked, step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
 def checkpoint_state(trainer: Any, epoch: int) -> dict[str, Any]:
     """What resuming a trainer needs after ``epoch``: trainable tensors, optimizer, RNG, history, counters.
 
@@ -497,19 +516,7 @@ class Trainer:
                 self._check_finite(window, epoch, checked, i, step)
                 window.zero_()
                 checked = i + 1
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
-            if self.cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.clip_grad)
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            optimizer_step(loss, self.optimizer, self.scaler, self.params, self.cfg.clip_grad)
             if first_compiled:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
