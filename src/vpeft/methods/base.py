@@ -347,6 +347,26 @@ class DeltaWeightWrapper(BaseLayerWrapper):
         self.base_layer.weight -= self.delta_weight()
 
 
+class SlicedDeltaWrapper(BaseLayerWrapper):
+    """A wrapper updating output-row slices ``self.slices`` of the base weight (q and v of a fused qkv):
+    slice i becomes W[start:end] + delta_weight(i); merging adds each, unmerging subtracts each."""
+
+    slices: list[tuple[int, int]]
+
+    def delta_weight(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        for i, (start, end) in enumerate(self.slices):
+            self.base_layer.weight[start:end] += self.delta_weight(i)
+
+    @torch.no_grad()
+    def unmerge_from_base(self) -> None:
+        for i, (start, end) in enumerate(self.slices):
+            self.base_layer.weight[start:end] -= self.delta_weight(i)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at the dotted path ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")

@@ -25,10 +25,10 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
-    BaseLayerWrapper,
     DeltaWeightWrapper,
     Method,
     MethodConfig,
+    SlicedDeltaWrapper,
     backbone_modules,
     match_pattern,
     register,
@@ -157,7 +157,7 @@ class _SlicedLoRAFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, *grad_as, *grad_bs
 
 
-class LoRALinear(BaseLayerWrapper):
+class LoRALinear(SlicedDeltaWrapper):
     """A Linear layer plus low-rank updates on one or more slices of its output features."""
 
     def __init__(self, base_layer: nn.Linear, slices: list[tuple[int, int]], rank: int, scaling: float, dropout: float):
@@ -219,16 +219,6 @@ class LoRALinear(BaseLayerWrapper):
 
     def delta_weight(self, index: int) -> torch.Tensor:
         return (self.lora_B[index] @ self.lora_A[index]) * self.scaling
-
-    @torch.no_grad()
-    def merge_into_base(self) -> None:
-        for i, (start, end) in enumerate(self.slices):
-            self.base_layer.weight[start:end] += self.delta_weight(i)
-
-    @torch.no_grad()
-    def unmerge_from_base(self) -> None:
-        for i, (start, end) in enumerate(self.slices):
-            self.base_layer.weight[start:end] -= self.delta_weight(i)
 
 
 class LoRAConv2d(DeltaWeightWrapper):

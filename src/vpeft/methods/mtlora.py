@@ -31,7 +31,7 @@ from torch import nn
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
-from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.methods.base import Method, MethodConfig, SlicedDeltaWrapper, register, replace_module
 from vpeft.methods.lora import _SlicedLoRAFunction, resolve_targets
 from vpeft.modules import matmul_dtype
 
@@ -76,7 +76,7 @@ def _kaiming(rows: int, cols: int, ref: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(a)
 
 
-class MTLoRALinear(BaseLayerWrapper):
+class MTLoRALinear(SlicedDeltaWrapper):
     """A Linear plus a shared and (where ``task_rank`` > 0) a task-specific low-rank update on output slices."""
 
     def __init__(
@@ -146,16 +146,6 @@ class MTLoRALinear(BaseLayerWrapper):
     def delta_weight(self, index: int) -> torch.Tensor:
         a_list, b_list = self.factors()
         return b_list[index] @ a_list[index]
-
-    @torch.no_grad()
-    def merge_into_base(self) -> None:
-        for i, (start, end) in enumerate(self.slices):
-            self.base_layer.weight[start:end] += self.delta_weight(i)
-
-    @torch.no_grad()
-    def unmerge_from_base(self) -> None:
-        for i, (start, end) in enumerate(self.slices):
-            self.base_layer.weight[start:end] -= self.delta_weight(i)
 
 
 def _block_rows(slices: list[tuple[int, int]], b_list: list[torch.Tensor], width: int) -> torch.Tensor:
