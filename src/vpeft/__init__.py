@@ -1,7 +1,6 @@
 """vpeft: parameter-efficient fine-tuning for pre-trained timm vision backbones."""
 
-__version__ = "0.1.0"
-
+import vpeft.train.trainer  # noqa: F401  (registers the trainer that method stages train with)
 from vpeft.anatomy import Anatomy, describe
 from vpeft.api import (
     apply,
@@ -28,6 +27,7 @@ from vpeft.errors import (
 from vpeft.interop import export_to_peft, import_from_peft
 from vpeft.methods import Method, MethodConfig, get_method, register
 from vpeft.multi import MultiAdapterModel
+from vpeft.version import __version__
 
 __all__ = [
     "AdapterMismatchError",
@@ -40,6 +40,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedBackboneError",
     "VPeftError",
+    "__version__",
     "apply",
     "count_parameters",
     "count_trainable",

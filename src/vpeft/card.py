@@ -15,13 +15,16 @@ import yaml
 CARD = "README.md"
 
 
-def model_card(record: dict[str, Any]) -> str:
-    """The card's text for a finished run's record."""
+def model_card(record: dict[str, Any], tag: str = "image-classification") -> str:
+    """The card's text for a finished run's record; ``tag``: the Hub's pipeline tag of its task type."""
     split = record.get("eval_split", "test")
+    metric = record.get("primary_metric", "top1")
+    score = record.get(metric, record.get("score", float("nan")))
+    shown = f"{score:.2f}%" if metric == "top1" else f"{score:.2f}"
     meta = {
         "library_name": "vpeft",
         "base_model": record.get("model"),
-        "tags": ["vpeft", "peft", "image-classification", str(record.get("method"))],
+        "tags": ["vpeft", "peft", tag, str(record.get("method"))],
         "vpeft": {
             "method": record.get("method"),
             "options": record.get("options", {}),
@@ -36,7 +39,7 @@ def model_card(record: dict[str, Any]) -> str:
                 "seed": record.get("seed"),
                 "epochs": record.get("epochs"),
             },
-            "top1": record.get("top1"),
+            metric: score,
             "trainable_params": record.get("trainable_params"),
             "run_key": record.get("run_key"),
         },
@@ -54,7 +57,7 @@ def model_card(record: dict[str, Any]) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        f"| top-1 on {split} | {record.get('top1', float('nan')):.2f}% |",
+        f"| {'top-1' if metric == 'top1' else metric} on {split} | {shown} |",
         f"| trainable parameters (without head) | {record.get('trainable_params', 0):,} |",
         f"| backbone architecture | {record.get('architecture')} |",
         "",
@@ -70,9 +73,9 @@ def model_card(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(folder: str | Path, record: dict[str, Any]) -> Path:
+def write_model_card(folder: str | Path, record: dict[str, Any], tag: str = "image-classification") -> Path:
     path = Path(folder) / CARD
-    path.write_text(model_card(record))
+    path.write_text(model_card(record, tag))
     return path
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import vpeft
 from vpeft.errors import ConfigError, VPeftError
+from vpeft.tasks import DEFAULT_TASK_TYPE
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:
@@ -216,17 +217,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if record.get("reused"):
         print(f"'{args.out}' already holds this run, finished (run {record.get('run_key')}); nothing to resume")
-    if record.get("task_type", "classification") != "classification":
-        scores = ", ".join(f"{k} {record[k]:.2f}" for k in record.get("metrics", {}))
-        print(
-            f"{record['method']} on {record['task']} ({record['task_type']}, {record['mode']}, {record['eval_split']}): "
-            f"{scores}, trainable {record['trainable_params']:,} (w/o head) + head {record['head_params']:,}, "
-            f"{record['train_seconds']:.1f}s -> {args.out}"
-        )
-        return 0
+    names = record.get("metric_names") or [record.get("primary_metric", "top1")]
+    scores = ", ".join(f"top-1 {record[k]:.2f}%" if k == "top1" else f"{k} {record[k]:.2f}" for k in names)
+    head = f" + head {record['head_params']:,}" if record.get("head_params") else ""
     print(
-        f"{record['method']} on {record['task']} ({record['mode']}, {record['eval_split']}): "
-        f"top-1 {record['top1']:.2f}%, trainable {record['trainable_params']:,} (w/o head), "
+        f"{record['method']} on {record['task']} ({record.get('task_type', DEFAULT_TASK_TYPE)}, {record['mode']}, "
+        f"{record['eval_split']}): {scores}, trainable {record['trainable_params']:,} (w/o head){head}, "
         f"PPT {record['ppt']:.3f}, {record['train_seconds']:.1f}s -> {args.out}"
     )
     return 0
@@ -287,13 +283,12 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         print(format_table(rows, ["task", "group", "classes", "train", "val", "test", "what"]))
         return 0
     from vpeft.bench import load_suite
-    from vpeft.data import load_task
     from vpeft.tasks import get_task_type
 
     suite = load_suite(args.suite, args.root)
     rows = []
     for t in suite.tasks:
-        task = load_task(t.data) if t.task_type == "classification" else get_task_type(t.task_type).load_task(t.data)
+        task = get_task_type(t.task_type).load_task(t.data)
         sizes = [len(task.split(s)) for s in ("train", "val", "test")]
         rows.append([t.name, t.group, task.num_classes, *sizes, t.data])
     print(f"{suite.name} suite: {len(rows)} tasks" + (f" under {args.root}" if args.root else ""))

@@ -11,6 +11,7 @@ import yaml
 
 from vpeft.data.datasets import DataError
 from vpeft.errors import ConfigError
+from vpeft.tasks import DEFAULT_TASK_TYPE, task_type_names
 
 #: VTAB-1k's 19 tasks by NOAH's folder names, in the three groups
 VTAB1K_GROUPS = {
@@ -31,7 +32,7 @@ class SuiteTask:
     name: str
     group: str
     data: str  # dataset spec for load_task
-    task_type: str = "classification"
+    task_type: str = DEFAULT_TASK_TYPE
 
 
 @dataclass
@@ -95,10 +96,8 @@ def load_suite(name: str, root: str | None = None, tasks: list[str] | None = Non
 def _listed_suite(name: str, defaults: dict[str, Any], root: str | None, tasks: list[str] | None) -> Suite:
     """A suite whose YAML lists its tasks; a task whose task type is not available (detection without its
     module) is left out."""
-    from vpeft.tasks import task_type_names
-
     available = task_type_names()
-    listed = [t for t in defaults.get("tasks") or [] if t.get("task_type", "classification") in available]
+    listed = [t for t in defaults.get("tasks") or [] if t.get("task_type", DEFAULT_TASK_TYPE) in available]
     needs_root = any("{root}" in t["data"] for t in listed)
     if needs_root:
         if not root:
@@ -106,7 +105,7 @@ def _listed_suite(name: str, defaults: dict[str, Any], root: str | None, tasks: 
         if not Path(root).is_dir():
             raise DataError(f"--root '{root}' does not exist")
     all_tasks = [SuiteTask(t["name"], t.get("group", t["name"]), t["data"].replace("{root}", str(root)),
-                           t.get("task_type", "classification")) for t in listed]  # fmt: skip
+                           t.get("task_type", DEFAULT_TASK_TYPE)) for t in listed]  # fmt: skip
     known = [t.name for t in all_tasks]
     if tasks:
         unknown = [t for t in tasks if t not in known]

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.bench.suites import Suite
-from vpeft.data import Task, load_task
+from vpeft.data import Task
 from vpeft.errors import ConfigError, VPeftError
+from vpeft.files import write_json_atomic
+from vpeft.tasks import get_task_type
 from vpeft.train.folders import RESULT, RunBusyError, read_record
 from vpeft.train.identity import run_identity, run_key
-from vpeft.train.run import RECORD_VERSION, RunSpec, run, write_json_atomic
+from vpeft.train.run import RECORD_VERSION, RunSpec, run
 from vpeft.train.trainer import TrainConfig
 
 MANIFEST = "bench.json"
@@ -150,12 +152,7 @@ class SweepPlan:
     def task(self, name: str) -> Task:
         if name not in self._tasks:
             entry = next(t for t in self.suite.tasks if t.name == name)
-            if entry.task_type == "classification":
-                self._tasks[name] = load_task(entry.data)
-            else:
-                from vpeft.tasks import get_task_type
-
-                self._tasks[name] = get_task_type(entry.task_type).load_task(entry.data)
+            self._tasks[name] = get_task_type(entry.task_type).load_task(entry.data)
         return self._tasks[name]
 
     def key(self, spec: RunSpec, task: str) -> str:
@@ -180,16 +177,14 @@ class SweepPlan:
         if lr_wd is not None:
             train["lr"], train["weight_decay"] = lr_wd
         entry = next(t for t in self.suite.tasks if t.name == task)
-        extra: dict[str, Any] = {}
-        if entry.task_type != "classification":  # classification specs stay exactly as they were
-            options = dict((self.suite.defaults.get("task_options") or {}).get(entry.task_type) or {})
-            options.update(((self.suite.defaults.get("task_overrides") or {}).get(task) or {}).get("task_options", {}))
-            extra = {"task_type": entry.task_type, "task_options": options}
+        options = dict((self.suite.defaults.get("task_options") or {}).get(entry.task_type) or {})
+        options.update(((self.suite.defaults.get("task_overrides") or {}).get(task) or {}).get("task_options", {}))
         return RunSpec(
             model=self.model,
             model_args=self.model_args,
             data=entry.data,
-            **extra,
+            task_type=entry.task_type,
+            task_options=options,
             method=method,
             options=self.options(method),
             mode=mode,
@@ -314,15 +309,11 @@ def score(record: dict[str, Any]) -> float:
 
 def score_text(record: dict[str, Any]) -> str:
     metric = record.get("primary_metric", "top1")
-    return f"top-1 {record['top1']:.2f}%" if metric == "top1" else f"{metric} {record[metric]:.2f}"
+    return f"top-1 {record[metric]:.2f}%" if metric == "top1" else f"{metric} {record[metric]:.2f}"
 
 
 def _metric(plan: SweepPlan, task: str) -> str:
     entry = next(t for t in plan.suite.tasks if t.name == task)
-    if entry.task_type == "classification":
-        return "top1"
-    from vpeft.tasks import get_task_type
-
     return get_task_type(entry.task_type).primary_metric
 
 

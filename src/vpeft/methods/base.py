@@ -30,7 +30,7 @@ from torch import nn
 
 from vpeft.anatomy import Anatomy
 from vpeft.config import convert_options
-from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError
+from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError, VPeftError
 
 
 @dataclass
@@ -103,6 +103,11 @@ class Method:
     def run_standalone(self, config: MethodConfig, context: StageContext) -> StageOutput:
         """Run :meth:`standalone_stage` with the backbone and data the runner provides."""
         raise NotImplementedError(f"method '{self.name}' has no standalone stage")
+
+    def cached_prefix(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig) -> PrefixSplit | None:
+        """Where the model splits into a frozen prefix whose output can be computed once per image and a
+        trainable suffix (linear probing, Partial-k, LST), or None: the whole model runs every step."""
+        return None
 
     def task_shared_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Parameters, by name in ``model``, that every task's adapter of this method shares on one multi-task
@@ -229,6 +234,49 @@ class StageData:
         raise ConfigError(
             f"data must be a torch Dataset of (input, label) pairs, a DataLoader or a StageData, got {type(data).__name__}"
         )
+
+    def fit(self, model: nn.Module, epochs: int, lr: float) -> None:
+        """Train ``model``'s trainable parameters on this split with the trainer vpeft registered
+        (:func:`set_stage_trainer`): a stage that trains (E2VPT's pruning) never writes a loop of its own."""
+        if _STAGE_TRAINER is None:
+            raise VPeftError("no stage trainer is registered; import vpeft.train (import vpeft does) first")
+        _STAGE_TRAINER(model, self, epochs, lr)
+
+
+#: trains a model on a stage's split: (model, data, epochs, lr); registered by vpeft.train's trainer
+_STAGE_TRAINER: Callable[[nn.Module, StageData, int, float], None] | None = None
+
+
+def set_stage_trainer(trainer: Callable[[nn.Module, StageData, int, float], None]) -> None:
+    """Register the function :meth:`StageData.fit` trains with (vpeft.train registers its Trainer)."""
+    global _STAGE_TRAINER
+    _STAGE_TRAINER = trainer
+
+
+@dataclass
+class PrefixSplit:
+    """A model as a frozen prefix and a trainable suffix: ``suffix(prefix(x))`` is the model's output.
+
+    ``prefix_modules`` are the modules the prefix runs: caching it is exact only when none of them holds
+    randomness that is active in training (dropout, drop-path)."""
+
+    prefix: Callable[[torch.Tensor], torch.Tensor]
+    suffix: Callable[[torch.Tensor], torch.Tensor]
+    prefix_modules: list[nn.Module]
+
+
+def token_embedding(
+    model: nn.Module, anatomy: Anatomy
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]] | None:
+    """A token backbone's input embedding (patch embedding, position embedding and prefix tokens, pre-norm) as
+    a function of the image, with the modules it runs; None when the backbone has no such embedding."""
+    if anatomy.family != "vit" or not hasattr(model, "_pos_embed"):
+        return None
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+    return embed, [model.patch_embed, model.patch_drop, model.norm_pre, getattr(model, "pos_drop", nn.Identity())]
 
 
 def random_stage_data(model: nn.Module, num_classes: int, n: int = 8, seed: int = 0) -> StageData:

@@ -192,7 +192,7 @@ class E2VPT(Method):
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: E2VPTConfig, data: StageData) -> E2VPTConfig:
         """Train E2VPT unpruned on a copy, score the visual prompts' tokens and segments, keep the most important."""
-        from vpeft.api import apply, trainable_parameters
+        from vpeft.api import apply
 
         if anatomy.embed_dim % config.segments:
             raise ConfigError(f"e2vpt: segments={config.segments} does not divide the width {anatomy.embed_dim}")
@@ -201,14 +201,10 @@ class E2VPT(Method):
         # the copy draws its prompts from the random state that inject will use next: restoring it afterwards
         # makes the training run start the kept prompts from the values the first training started from
         with torch.random.fork_rng(devices=_cuda_devices(data.device)):
-            probe = apply(copy.deepcopy(model), unpruned).eval()
-            params = list(trainable_parameters(probe).values())
-            optimizer = torch.optim.AdamW(params, lr=config.prune_lr)
-            for epoch in range(config.prune_epochs):
-                for x, y in replace(data, seed=data.seed + epoch).batches(shuffle=True):
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(probe(x), y).backward()
-                    optimizer.step()
+            probe = apply(copy.deepcopy(model), unpruned)
+            if config.prune_epochs:
+                data.fit(probe, config.prune_epochs, config.prune_lr)  # vpeft's trainer, as a run trains
+            probe.eval()
             prompts = [m.prompt for m in probe.modules() if isinstance(m, PromptedBlock)]
             token_score = torch.zeros(n, dtype=torch.float64)
             segment_score = torch.zeros(n, s, dtype=torch.float64)
@@ -220,7 +216,7 @@ class E2VPT(Method):
                 token_score += gp.sum(-1).abs()
                 segment_score += gp.view(n, dim // s, s).sum(1).abs()
                 batches += 1
-            del probe, optimizer
+            del probe
         token_score, segment_score = token_score / max(1, batches), segment_score / max(1, batches)
         k, kept_segments = config.kept_counts()
         tokens = token_score.argsort(descending=True, stable=True)[:k].sort().values.tolist()

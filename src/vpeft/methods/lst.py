@@ -21,7 +21,15 @@ from torch import nn
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
-from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.methods.base import (
+    BaseLayerWrapper,
+    Method,
+    MethodConfig,
+    PrefixSplit,
+    register,
+    replace_module,
+    token_embedding,
+)
 from vpeft.modules import matmul_dtype
 
 ROOT = "vpeft_lst"
@@ -138,3 +146,25 @@ class LST(Method):
         last = anatomy.depth - 1
         for i, block in enumerate(anatomy.blocks):
             replace_module(model, block.name, LadderBlock(model.get_submodule(block.name), side, i, i == last, ladder))
+
+    def cached_prefix(self, model: nn.Module, anatomy: Anatomy, config: LSTConfig) -> PrefixSplit | None:
+        """The frozen backbone runs under no gradient: the cache holds every block's output, and epochs run
+        only the side network, the final norm and the head."""
+        embedding = token_embedding(model, anatomy)
+        if embedding is None or len(anatomy.heads) != 1:
+            return None
+        embed, modules = embedding
+        blocks = [block.base_layer for block in model.blocks]
+        side = model.get_submodule(ROOT)
+
+        def prefix(x):
+            x, outputs = embed(x), []
+            for block in blocks:
+                x = block(x)
+                outputs.append(x)
+            return torch.stack(outputs, dim=1)
+
+        def suffix(features):
+            return model.forward_head(model.norm(side.ladder(features)))
+
+        return PrefixSplit(prefix, suffix, [*modules, *blocks])

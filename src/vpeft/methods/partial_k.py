@@ -16,7 +16,7 @@ from torch import nn
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
-from vpeft.methods.base import Method, MethodConfig, register
+from vpeft.methods.base import Method, MethodConfig, PrefixSplit, register, token_embedding
 
 
 @dataclass
@@ -46,3 +46,20 @@ class PartialK(Method):
             started = started or name.startswith(first)
             if started:
                 param.requires_grad_(True)
+
+    def cached_prefix(self, model: nn.Module, anatomy: Anatomy, config: PartialKConfig) -> PrefixSplit | None:
+        """On a token backbone: the embedding and the frozen blocks are the prefix."""
+        embedding = token_embedding(model, anatomy)
+        if embedding is None or len(anatomy.heads) != 1:
+            return None
+        embed, modules = embedding
+        split = len(model.blocks) - config.k
+        frozen = model.blocks[:split]
+
+        def prefix(x):
+            return frozen(embed(x))
+
+        def suffix(h):
+            return model.forward_head(model.norm(model.blocks[split:](h)))
+
+        return PrefixSplit(prefix, suffix, [*modules, frozen])

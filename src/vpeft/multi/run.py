@@ -27,8 +27,8 @@ import dataclasses
 import functools
 import json
 import math
-import platform
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,18 +36,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
+from torch.utils.data import Dataset
 
-import vpeft
+from vpeft.api import get_state, make_config
 from vpeft.backbones import create_backbone
+from vpeft.card import write_model_card
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError
+from vpeft.files import write_json_atomic
+from vpeft.methods.base import get_method
 from vpeft.metrics import ppt
 from vpeft.multi.model import NOT_SHAREABLE, MultiAdapterModel
 from vpeft.multi.train import multitask_loss
-from vpeft.train.trainer import TrainConfig
+from vpeft.tasks import DEFAULT_TASK_TYPE, TaskType, get_task_type
+from vpeft.train.identity import run_identity, run_key
+from vpeft.train.memory import KIND as MEMORY_ESTIMATE_KIND
+from vpeft.train.run import (
+    RECORD_VERSION,
+    RunSpec,
+    check_task_splits,
+    record_base,
+    run_datasets,
+    run_splits,
+    seed_everything,
+)
+from vpeft.train.trainer import BatchSource, TrainConfig, Trainer
 
 #: how mixed batches are drawn (part of the identity: another rule is another run)
-SAMPLING = "equal_per_task"
+SAMPLING = "equal_per_task_seeded"
 MULTITASK_MANIFEST = "multitask.json"
 MODES = ("tune", "final")
 
@@ -83,8 +100,6 @@ class MultiTaskSpec:
 
     def task_spec(self, data: str):
         """The single-run spec of one task: what a single-task baseline of this task would be."""
-        from vpeft.train.run import RunSpec
-
         return RunSpec(model=self.model, data=data, model_args=self.model_args, method=self.method,
                        options=self.options, mode=self.mode, preset=self.preset, pretrained=self.pretrained,
                        pretrained_file=self.pretrained_file, skip_bad_images=self.skip_bad_images,
@@ -99,8 +114,8 @@ def _adapter_name(task: str) -> str:
 
 
 def check_method(method: str, options: dict[str, Any]) -> None:
-    impl = vpeft.get_method(method)
-    vpeft.make_config(method, **options)
+    impl = get_method(method)
+    make_config(method, **options)
     if method in NOT_SHAREABLE:
         raise ConfigError(f"method '{method}' cannot share a backbone: {NOT_SHAREABLE[method]}")
     if impl.stage is not None or not impl.single_run:
@@ -114,13 +129,9 @@ def run_multitask(spec: MultiTaskSpec, out_dir: str | Path, *, progress: bool = 
     """Train ``spec`` and write one run folder and record per task under ``out_dir``; returns the records.
 
     A run whose every task folder already holds a finished record of the same key is not trained again."""
-    from vpeft.data import load_task
-    from vpeft.train.identity import run_identity, run_key
-    from vpeft.train.run import RECORD_VERSION, check_task_splits
-
     check_method(spec.method, spec.options)
     out = Path(out_dir)
-    tasks = [load_task(d) for d in spec.data]
+    tasks = [get_task_type(DEFAULT_TASK_TYPE).load_task(d) for d in spec.data]
     names = [_adapter_name(t.name) for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"two --data tasks have the same name ({[t.name for t in tasks]}); rename one folder")
@@ -152,13 +163,68 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _train(spec, tasks, names, identity, key, task_keys, folders, *, progress: bool) -> list[dict[str, Any]]:
-    from vpeft.card import write_model_card
-    from vpeft.train.run import _datasets, _record_options, git_commit, seed_everything, write_json_atomic
-    from vpeft.train.trainer import Trainer, lr_at, resolve_device
+class MixedBatches(BatchSource):
+    """Mixed batches of several tasks: every step draws ``batch_size // tasks`` samples of each task, from a
+    seeded order per (task, epoch); a task with fewer samples starts over with a new order. An epoch is the
+    longest task's pass. Under torchrun each rank takes its stride of every task's share."""
 
+    def __init__(self, sets: list[Dataset], names: list[str]):
+        self.sets, self.names = sets, names
+
+    def per_task(self, batch_size: int) -> int:
+        return max(1, batch_size // len(self.sets))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(math.ceil(len(s) / self.per_task(batch_size)) for s in self.sets)
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int, rank: int, world: int) -> tuple[Iterable, int]:
+        per_task, steps = self.per_task(batch_size), self.steps_per_epoch(batch_size)
+        return self._batches(epoch, per_task, steps, seed, rank, world), steps
+
+    def _stream(self, task: int, epoch: int, per_task: int, seed: int) -> Iterator[list[int]]:
+        size, cycle = len(self.sets[task]), 0
+        while True:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch * 1_009 + task * 7_919 + cycle * 104_729)
+            order = torch.randperm(size, generator=g).tolist()
+            for start in range(0, size, per_task):
+                yield order[start : start + per_task]
+            cycle += 1
+
+    def _batches(self, epoch: int, per_task: int, steps: int, seed: int, rank: int, world: int) -> Iterator[Any]:
+        streams = [self._stream(t, epoch, per_task, seed) for t in range(len(self.sets))]
+        for _ in range(steps):
+            xs, ys, routing = [], [], []
+            for dataset, name, stream in zip(self.sets, self.names, streams, strict=True):
+                items = [dataset[i] for i in next(stream)[rank::world]]
+                if not items:
+                    continue
+                xs.append(torch.stack([torch.as_tensor(x) for x, _ in items]))
+                ys.append(torch.as_tensor([int(y) for _, y in items]))
+                routing += [name] * len(items)
+            yield torch.cat(xs), torch.cat(ys), routing
+
+
+class MixedTasks(TaskType):
+    """Joint training of several classification tasks on one :class:`MultiAdapterModel` (not registered: a
+    multi-task run composes it): a batch is (inputs, labels, task name per sample), the loss
+    :func:`vpeft.multi.multitask_loss` with the recipe's label smoothing."""
+
+    name = "multitask"
+    primary_metric = "top1"
+    metric_names = ("top1",)
+
+    def batch_size(self, batch: Any) -> int:
+        return len(batch[2])
+
+    def training_step(self, model: nn.Module, batch: Any, label_smoothing: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        x, y, routing = batch
+        loss_fn = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
+        return multitask_loss(model, x, y, routing, loss_fn=loss_fn)[0], None
+
+
+def _train(spec, tasks, names, identity, key, task_keys, folders, *, progress: bool) -> list[dict[str, Any]]:
     cfg = spec.train
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     backbone = create_backbone(spec.model, tasks[0].num_classes, pretrained=spec.pretrained,
                                pretrained_file=spec.pretrained_file, drop_path_rate=cfg.drop_path,
@@ -166,87 +232,26 @@ def _train(spec, tasks, names, identity, key, task_keys, folders, *, progress: b
     mm = MultiAdapterModel(backbone)
     for name, task in zip(names, tasks, strict=True):
         mm.add_adapter(name, spec.method, num_classes=task.num_classes, **spec.options)
-    mm.to(device)
-    sets = [_datasets(spec.task_spec(d), t, mm.backbone) for d, t in zip(spec.data, tasks, strict=True)]
-    per_task = max(1, cfg.batch_size // len(tasks))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loaders = [torch.utils.data.DataLoader(train, batch_size=per_task, shuffle=True, generator=generator,
-                                           num_workers=cfg.num_workers) for train, _ in sets]  # fmt: skip
-    steps = max(len(loader) for loader in loaders)
-    total, warmup = steps * cfg.epochs, steps * cfg.warmup_epochs
-    params = mm.trainable_parameters()
-    decay = [p for p in params.values() if p.ndim > 1]
-    no_decay = [p for p in params.values() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)  # fmt: skip
-    loss_fn = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
-    started, images = time.perf_counter(), 0
-    last_losses: dict[str, float] = {}
-    for epoch in range(cfg.epochs):
-        mm.train()
-        iters = [iter(loader) for loader in loaders]
-        sums = {n: torch.zeros((), device=device) for n in names}
-        for step in range(steps):
-            xs, ys, routing = [], [], []
-            for t, name in enumerate(names):
-                try:
-                    x, y = next(iters[t])
-                except StopIteration:  # a shorter task starts over
-                    iters[t] = iter(loaders[t])
-                    x, y = next(iters[t])
-                xs.append(x)
-                ys.append(torch.as_tensor(y))
-                routing += [name] * len(x)
-            x, y = torch.cat(xs).to(device), torch.cat(ys).to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + step, total, warmup, cfg)
-            loss, losses = multitask_loss(mm, x, y, routing, loss_fn=loss_fn)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip_grad)
-            optimizer.step()
-            images += len(routing)
-            for name, value in losses.items():
-                sums[name] += value.detach()
-        last_losses = {n: float(s) / steps for n, s in sums.items()}
-        if not all(math.isfinite(v) for v in last_losses.values()):
-            raise ConfigError(f"the multi-task run diverged in epoch {epoch + 1} (losses {last_losses}); lower --lr")
-        if progress:
-            print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{n} loss {v:.4f}" for n, v in last_losses.items()))
-    train_seconds = time.perf_counter() - started
+    classification = get_task_type(DEFAULT_TASK_TYPE)
+    sets = [run_datasets(spec.task_spec(d), classification, classification.options(), t, mm.backbone)
+            for d, t in zip(spec.data, tasks, strict=True)]  # fmt: skip
+    started = time.perf_counter()
+    trainer = Trainer(mm, cfg, progress=progress, task_type=MixedTasks())
+    history = trainer.fit(MixedBatches([train for train, _ in sets], names))
     mm.eval()
-    total_params = sum(p.numel() for k, p in params.items() if not _is_head(mm, k))
+    total_params = sum(p.numel() for k, p in mm.trainable_parameters().items() if not _is_head(mm, k))
     records = []
-    eval_split = "val" if spec.mode == "tune" else "test"
     for name, task, (_, eval_set), data in zip(names, tasks, sets, spec.data, strict=True):
         model = mm.get_adapter(name)
+        task_spec = spec.task_spec(data)
         scorer = Trainer(model, TrainConfig(epochs=1, warmup_epochs=0, batch_size=cfg.batch_size,
                                             device=cfg.device), progress=False)  # fmt: skip
-        accuracy = scorer.evaluate(eval_set)
-        state = vpeft.get_state(model)
-        trainable = vpeft.count_trainable(model, include_head=False)
+        metrics = scorer.evaluate(eval_set)
+        base = record_base(task_spec, task, model, classification, classification.options())
+        memory, memory_kind = trainer.peak_memory_mb()
         record = {
-            "record_version": identity["record_version"],
+            **base,
             "status": "ok",
-            "method": spec.method,
-            "options": _record_options(state.config.to_dict()),
-            "model": spec.model,
-            "architecture": state.identity["architecture"],
-            "weights": {"pretrained": spec.pretrained, "digest": state.identity["weights"]},
-            "task": task.name,
-            "data": data,
-            "num_classes": task.num_classes,
-            "seed": cfg.seed,
-            "mode": spec.mode,
-            "epochs": cfg.epochs,
-            "lr": cfg.lr,
-            "wd": cfg.weight_decay,
-            "train": dataclasses.asdict(cfg),
-            "train_size": len(task.split("train" if spec.mode == "tune" else "trainval")),
-            "trainable_params": trainable,
-            "trainable_params_with_head": vpeft.count_trainable(model, include_head=True),
-            "total_params": vpeft.count_parameters(model),
             "run_key": task_keys[name],
             "identity": identity,
             "multitask": {
@@ -255,30 +260,34 @@ def _train(spec, tasks, names, identity, key, task_keys, folders, *, progress: b
                 "sampling": SAMPLING,
                 "trainable_params_total": total_params,
             },
-            "eval_split": eval_split,
+            "eval_split": run_splits(spec.mode)[1],
             "selection": "final_epoch",
-            "selected_epoch": cfg.epochs,
-            "top1": 100.0 * accuracy,
-            "ppt": ppt(accuracy, trainable),
-            "train_seconds": train_seconds,
+            "selected_epoch": history[-1].epoch,
+            "metrics": metrics,
+            "metric_names": list(metrics),
+            **metrics,
+            "score": metrics["top1"],
+            "ppt": ppt(metrics["top1"] / 100.0, base["trainable_params"]),
+            "train_seconds": trainer.train_seconds,
+            "compile_seconds": trainer.compile_seconds,
             "wall_seconds": time.perf_counter() - started,
-            "images_per_s": images / max(train_seconds, 1e-9),
-            "peak_memory_mb": scorer.peak_memory_mb()[0],
-            "memory_kind": scorer.peak_memory_mb()[1],
-            "final_train_loss": last_losses.get(name),
-            "device": str(device),
-            "world_size": 1,
-            "versions": {"vpeft": vpeft.__version__, "torch": torch.__version__, "python": platform.python_version()},
-            "git_commit": git_commit(),
-            "host": platform.node(),
+            "images_per_s": trainer.images_seen / max(trainer.train_seconds, 1e-9),
+            "peak_memory_mb": memory,
+            "memory_kind": memory_kind,
+            "memory_estimate_mb": trainer.memory_estimate_mb,
+            "memory_estimate_kind": MEMORY_ESTIMATE_KIND,
+            "final_train_loss": history[-1].train_loss,  # the joint loss (sum of the tasks' mean losses)
+            "device": str(trainer.device),
+            "world_size": trainer.dist.world,
         }
         folder = folders[name]
-        mm.save_adapter(name, folder)
-        # the task's own run spec (what `vpeft eval` reads: its data and mode), and the whole multi-task spec
-        (folder / "config.yaml").write_text(yaml.safe_dump(spec.task_spec(data).to_dict(), sort_keys=False))
-        (folder / "multitask.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-        write_model_card(folder, record)
-        write_json_atomic(folder / "result.json", record)  # last: the record marks the task finished
+        if trainer.dist.is_main:
+            mm.save_adapter(name, folder)
+            # the task's own run spec (what `vpeft eval` reads: its data and mode), and the whole multi-task spec
+            (folder / "config.yaml").write_text(yaml.safe_dump(task_spec.to_dict(), sort_keys=False))
+            (folder / "multitask.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+            write_model_card(folder, record, tag=classification.hub_tag)
+            write_json_atomic(folder / "result.json", record)  # last: the record marks the task finished
         records.append(record)
     return records
 
@@ -287,12 +296,10 @@ def _is_head(mm: MultiAdapterModel, key: str) -> bool:
     adapter, _, pname = key.partition(".")
     if adapter == "shared":
         return False
-    return vpeft.get_state(mm.get_adapter(adapter)).anatomy.is_head_param(pname)
+    return get_state(mm.get_adapter(adapter)).anatomy.is_head_param(pname)
 
 
 def _add_to_manifest(out: Path, key: str, spec: MultiTaskSpec, tasks: list[str], keys: list[str]) -> None:
-    from vpeft.train.run import write_json_atomic
-
     path = out / MULTITASK_MANIFEST
     manifest = _read(path) or {}
     # the latest run of a method on a task set and seed is the one the report shows (as a sweep's manifest

@@ -5,8 +5,9 @@ trainable model, computes the training loss of a batch, scores a split, and load
 with its collate function. Methods never know the task: the model the task type builds reads the
 backbone through :class:`vpeft.dense.DenseEncoder` (or the classifier itself).
 
-Classification keeps the trainer's fast path (:class:`vpeft.train.trainer.Trainer`); the other task
-types run through this interface (:mod:`vpeft.train.task_run`).
+Every task type trains through the one :class:`vpeft.train.trainer.Trainer` and runs through the one
+:func:`vpeft.train.run.run`; a new task type is a subclass registered with :func:`register_task_type`
+(and its data module), nothing else.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from vpeft.api import _atomic_write, get_state, load_adapter, save_adapter
+from vpeft.api import get_state, load_adapter, save_adapter
 from vpeft.config import coerce_fields
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
+from vpeft.files import atomic_write
 
 #: the file beside adapter.safetensors with the task model's own weights (head, pyramid, norm statistics)
 HEAD_WEIGHTS = "task_head.safetensors"
 #: task type, class count and options of a saved task model
 TASK_CONFIG = "task_config.json"
+#: the task type of a run or record that names none (records written before task types existed)
+DEFAULT_TASK_TYPE = "classification"
 
 
 @dataclass
@@ -64,6 +68,40 @@ class TaskOptions:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """How a run reads its data (the run spec's data fields), handed to :meth:`TaskType.dataset`."""
+
+    #: transform preset (vtab, fgvc), or None for the task type's default
+    preset: str | None = None
+    skip_bad_images: bool = False
+    #: keep decoded inputs in memory: auto (when the transform is deterministic), on, off
+    cache_images: str = "auto"
+    #: the split is read once, after training (final mode's test split): streaming is enough
+    read_once: bool = False
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule after the linear warm-up: ``cosine`` or ``poly`` (``(1 - t) ** power``)
+    down to the recipe's ``min_lr``; ``warmup_steps`` overrides the recipe's ``warmup_epochs`` when set."""
+
+    kind: str = "cosine"
+    power: float = 1.0
+    warmup_steps: int | None = None
+
+
+def inner_module(model: nn.Module) -> nn.Module:
+    """The model itself under a DistributedDataParallel or ``torch.compile`` wrapper (for its attributes)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 class TaskType:
     """A kind of prediction. Subclasses set the class attributes and implement the methods."""
 
@@ -75,6 +113,15 @@ class TaskType:
     options_class: ClassVar[type[TaskOptions]] = TaskOptions
     #: data spec kinds this task type reads (``ade20k:<dir>`` ...), for error messages and ``vpeft tasks``
     data_kinds: ClassVar[tuple[str, ...]] = ()
+    #: the Hugging Face Hub's pipeline tag of a model of this task type (in the model card)
+    hub_tag: ClassVar[str] = ""
+    #: whether the backbone's own classifier is the head (created with the task's classes); otherwise the
+    #: backbone is created without one and :meth:`build` adds the head
+    head_in_backbone: ClassVar[bool] = False
+    #: whether a method's data stage (GPS, SPT, SCT, NOAH's search) can read this task's (input, label) pairs
+    data_stages: ClassVar[bool] = False
+    #: whether a training split held as (input, label) tensors may be replaced by frozen-prefix features
+    feature_cache: ClassVar[bool] = False
 
     def options(self, values: dict[str, Any] | None = None) -> TaskOptions:
         return self.options_class.from_dict(self.name, values)
@@ -86,20 +133,27 @@ class TaskType:
         (a list of (input, annotation) string pairs: it fingerprints the data of a run's identity)."""
         raise NotImplementedError
 
-    def dataset(self, task: Any, split: str, model: nn.Module, options: TaskOptions, *, train: bool) -> Dataset:
+    def dataset(self, task: Any, split: str, model: nn.Module, options: TaskOptions, *, train: bool,
+                data: DataOptions | None = None) -> Dataset:  # fmt: skip
         """A split of the task, transformed for ``model`` (the built task model); ``train`` adds augmentation."""
         raise NotImplementedError
+
+    def stage_dataset(self, task: Any, split: str, model: nn.Module, data: DataOptions,
+                      train_set: Dataset | None = None) -> Dataset:  # fmt: skip
+        """The split a method's data stage reads (:attr:`data_stages` task types only), without augmentation."""
+        raise ConfigError(f"method data stages do not run on {self.name} tasks")
 
     def collate(self, items: list[Any]) -> Any:
         """A list of dataset items -> one batch."""
         return torch.utils.data.default_collate(items)
 
-    def batch_to(self, batch: Any, device: torch.device) -> Any:
-        """The batch on ``device`` (tensors anywhere in tuples, lists and dicts)."""
-        return _to_device(batch, device)
+    def batch_to(self, batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+        """The batch on ``device`` (tensors anywhere in tuples, lists and dicts); 4-D float inputs in the
+        channels-last layout when asked (CNNs on CUDA)."""
+        return _to_device(batch, device, channels_last)
 
     def batch_size(self, batch: Any) -> int:
-        """Number of images in a batch."""
+        """Number of samples in a batch that count (a padded batch's extra rows do not)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ model
@@ -112,9 +166,32 @@ class TaskType:
         """The training loss of one batch (a scalar tensor; no host synchronisation)."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    def training_step(self, model: nn.Module, batch: Any, label_smoothing: float = 0.0
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """(loss, correct predictions or None) of one training batch; the count stays on the device.
+
+        The default is :meth:`loss` without a count; ``label_smoothing`` is the recipe's."""
+        return self.loss(model, batch), None
+
+    def lr_schedule(self, options: TaskOptions) -> Schedule:
+        """The learning-rate schedule after warm-up (cosine unless the task type says otherwise)."""
+        return Schedule()
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], **kwargs: Any) -> dict[str, float]:
         """Every metric of :attr:`metric_names` (percentages where the metric is one) over ``batches``."""
         raise NotImplementedError
+
+    def eval_kwargs(self, task: Any, options: TaskOptions) -> dict[str, Any]:
+        """Keyword arguments of :meth:`evaluate` for this task (segmentation: whole or slide inference)."""
+        return {}
+
+    def record_fields(self, task: Any, options: TaskOptions) -> dict[str, Any]:
+        """Fields this task type adds to a run's record."""
+        return {}
+
+    def save(self, model: nn.Module, directory: str | Path, num_classes: int, options: TaskOptions) -> Path:
+        """Save what a trained task model needs to be rebuilt: the adapter, and the head when it is not in it."""
+        return save_task_model(model, directory, self.name, num_classes, options)
 
 
 _TASK_TYPES: dict[str, TaskType] = {}
@@ -128,41 +205,32 @@ def register_task_type(cls: type[TaskType]) -> type[TaskType]:
     return cls
 
 
-def _load_builtin() -> None:
-    import vpeft.tasks.classification
-    import vpeft.tasks.segmentation
-
-    try:
-        import vpeft.tasks.detection  # noqa: F401
-    except ImportError as exc:  # detection needs torchvision's detection models; report what is missing on use
-        if "vpeft.tasks.detection" not in str(exc):
-            _IMPORT_ERRORS["detection"] = str(exc)
-
-
-_IMPORT_ERRORS: dict[str, str] = {}
+#: built-in task types that could not be imported (a missing optional dependency), with the reason
+IMPORT_ERRORS: dict[str, str] = {}
 
 
 def get_task_type(name: str) -> TaskType:
     """The registered task type ``name``, or an error listing the known ones."""
-    _load_builtin()
     if name not in _TASK_TYPES:
-        why = f" (it failed to import: {_IMPORT_ERRORS[name]})" if name in _IMPORT_ERRORS else ""
+        why = f" (it failed to import: {IMPORT_ERRORS[name]})" if name in IMPORT_ERRORS else ""
         raise ConfigError(f"unknown task type '{name}'{why}; known: {', '.join(task_type_names())}")
     return _TASK_TYPES[name]
 
 
 def task_type_names() -> list[str]:
-    _load_builtin()
     return list(_TASK_TYPES)
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def _to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        obj = obj.to(device, non_blocking=True)
+        if channels_last and obj.ndim == 4 and obj.is_floating_point():
+            obj = obj.contiguous(memory_format=torch.channels_last)
+        return obj
     if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
+        return {k: _to_device(v, device, channels_last) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
+        return type(obj)(_to_device(v, device, channels_last) for v in obj)
     return obj
 
 
@@ -191,9 +259,9 @@ def save_task_model(model: nn.Module, directory: str | Path, task_type: str, num
     """The backbone's adapter (``vpeft.save_adapter``) plus the head's weights and the task's config."""
     out = save_adapter(backbone_of(model)[1], directory)
     tensors = head_state(model)
-    _atomic_write(out / HEAD_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"task_type": task_type}))
+    atomic_write(out / HEAD_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"task_type": task_type}))
     text = json.dumps({"task_type": task_type, "num_classes": num_classes, "options": options.to_dict()}, indent=2)
-    _atomic_write(out / TASK_CONFIG, lambda path: Path(path).write_text(text + "\n"))
+    atomic_write(out / TASK_CONFIG, lambda path: Path(path).write_text(text + "\n"))
     return out
 
 

@@ -23,7 +23,7 @@ from vpeft.dense.coco_eval import CocoAccumulator
 from vpeft.dense.detection import ARCHITECTURES, build_detector, image_size_of
 from vpeft.dense.encoder import dense_encoder
 from vpeft.errors import ConfigError, VPeftError
-from vpeft.tasks.base import TaskOptions, TaskType, register_task_type
+from vpeft.tasks.base import DataOptions, Schedule, TaskOptions, TaskType, inner_module, register_task_type
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Detection(TaskType):
     """Boxes (and masks): labels 1..K, ``num_classes`` = K object classes (the background is added)."""
 
     name = "detection"
+    hub_tag = "object-detection"
     primary_metric = "box_AP"
     #: mask_* are reported by the maskrcnn detector only
     metric_names = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
@@ -76,8 +77,8 @@ class Detection(TaskType):
             )
         return data
 
-    def dataset(self, task: DetectionData, split: str, model: nn.Module, options: TaskOptions,
-                *, train: bool) -> DetectionDataset:  # fmt: skip
+    def dataset(self, task: DetectionData, split: str, model: nn.Module, options: TaskOptions, *, train: bool,
+                data: DataOptions | None = None) -> DetectionDataset:  # fmt: skip
         masks = bool(getattr(model, "predicts_masks", False))
         if masks and not task.has_masks:
             raise ConfigError(
@@ -121,10 +122,14 @@ class Detection(TaskType):
                 "the detection loss needs the model in training mode (torchvision returns losses only then)"
             )
         images, targets = batch
-        return sum(model(images, _train_targets(targets, model)).values())
+        return sum(model(images, _train_targets(targets, inner_module(model))).values())
+
+    def lr_schedule(self, options: TaskOptions) -> Schedule:
+        return Schedule("poly", 1.0)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Any], **kwargs: Any) -> dict[str, float]:
+        model = inner_module(model)
         was_training = model.training
         model.eval()
         masks = bool(getattr(model, "predicts_masks", False))

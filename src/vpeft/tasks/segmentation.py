@@ -31,7 +31,7 @@ from vpeft.dense.encoder import DenseEncoder
 from vpeft.dense.heads import UPerHead
 from vpeft.dense.metrics import confusion_matrix, segmentation_scores
 from vpeft.errors import ConfigError
-from vpeft.tasks.base import TaskOptions, TaskType, register_task_type
+from vpeft.tasks.base import DataOptions, Schedule, TaskOptions, TaskType, inner_module, register_task_type
 
 
 @dataclass
@@ -117,6 +117,7 @@ class SegmentationModel(nn.Module):
 @register_task_type
 class Segmentation(TaskType):
     name = "segmentation"
+    hub_tag = "image-segmentation"
     primary_metric = "mIoU"
     metric_names = ("mIoU", "pixel_acc", "mean_acc")
     options_class = SegmentationOptions
@@ -128,8 +129,8 @@ class Segmentation(TaskType):
     def build(self, backbone_model: nn.Module, num_classes: int, options: TaskOptions) -> nn.Module:
         return SegmentationModel(backbone_model, num_classes, options)
 
-    def dataset(self, task: SegTask, split: str, model: nn.Module, options: TaskOptions,
-                *, train: bool) -> SegmentationDataset:  # fmt: skip
+    def dataset(self, task: SegTask, split: str, model: nn.Module, options: TaskOptions, *, train: bool,
+                data: DataOptions | None = None) -> SegmentationDataset:  # fmt: skip
         augment = task.default_augment if options.augment == "auto" else options.augment == "on"
         transform = SegTransform(model.crop, augment, model.mean, model.std)
         return SegmentationDataset(task, split, transform, train=train, cache=task.kind == "mini-dense")
@@ -141,14 +142,25 @@ class Segmentation(TaskType):
         return len(batch["image"])
 
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        logits = model(model.normalize(batch["image"]))
+        logits = model(inner_module(model).normalize(batch["image"]))
         return F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
+
+    def lr_schedule(self, options: TaskOptions) -> Schedule:
+        warmup = options.warmup_iters if options.warmup_iters >= 0 else None
+        return Schedule(options.schedule, options.poly_power, warmup)
 
     def inference_mode(self, task: SegTask, options: TaskOptions) -> str:
         return task.default_inference if options.inference == "auto" else options.inference
 
+    def eval_kwargs(self, task: SegTask, options: TaskOptions) -> dict[str, Any]:
+        return {"mode": self.inference_mode(task, options)}
+
+    def record_fields(self, task: SegTask, options: TaskOptions) -> dict[str, Any]:
+        return {"inference": self.inference_mode(task, options)}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Any], mode: str = "whole") -> dict[str, float]:
+        model = inner_module(model)
         confusion = None
         for batch in batches:
             images, labels = batch["image"], batch["label"]

@@ -2,10 +2,9 @@
 input transform is deterministic, compute those layers' output once per image and train from it.
 
 Switched on only where it is exact: the frozen prefix must hold no active randomness in training
-mode (dropout, drop-path), and the run must be single-process. Covers linear probing on every
-backbone family (prefix = everything but the head), Partial-k on ViTs (prefix = the embedding and
-the frozen blocks) and LST on ViTs (the cache holds every frozen block's output; epochs run only the
-side network, the final norm and the head). A cache larger than ``limit_bytes`` is not built.
+mode (dropout, drop-path), and the run must be single-process. The method says where its model splits
+(:meth:`vpeft.methods.Method.cached_prefix`: linear probing, Partial-k and LST today). A cache larger
+than ``limit_bytes`` is not built.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-import vpeft
-from vpeft.anatomy import Anatomy
+from vpeft.api import get_state
+from vpeft.methods.base import get_method
 
 
 def _stochastic(module: nn.Module) -> bool:
@@ -69,60 +68,12 @@ class CachedPrefix:
 
 
 def plan_cached_prefix(model: nn.Module) -> CachedPrefix | None:
-    """A prefix/suffix split of a vpeft model when caching is exact for it; None otherwise."""
-    state = vpeft.get_state(model)
+    """A prefix/suffix split of a vpeft model when caching is exact for it (the method says where it splits,
+    :meth:`vpeft.methods.Method.cached_prefix`); None otherwise."""
+    state = get_state(model)
     if state is None or state.merged:
         return None
-    anatomy: Anatomy = state.anatomy
-    if len(anatomy.heads) != 1:
-        return None  # DeiT-distilled: two heads, a training-time tuple output
-    head = model.get_submodule(anatomy.heads[0])
-    if state.method == "linear":
-        body = [m for n, m in model.named_children() if m is not head]
-        if any(_stochastic(m) for m in body):
-            return None
-
-        def prefix(x: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.forward_features(x), pre_logits=True)
-
-        return CachedPrefix(prefix, head)
-    if anatomy.family != "vit" or not hasattr(model, "_pos_embed"):
+    split = get_method(state.method).cached_prefix(model, state.anatomy, state.config)
+    if split is None or any(_stochastic(m) for m in split.prefix_modules):
         return None
-    embedding = [model.patch_embed, model.patch_drop, model.norm_pre, getattr(model, "pos_drop", nn.Identity())]
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-
-    if state.method == "partial_k":
-        split = len(model.blocks) - state.config.k
-        frozen = model.blocks[:split]
-        if any(_stochastic(m) for m in (*embedding, frozen)):
-            return None
-
-        def vit_prefix(x: torch.Tensor) -> torch.Tensor:
-            return frozen(embed(x))
-
-        def vit_suffix(h: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.norm(model.blocks[split:](h)))
-
-        return CachedPrefix(vit_prefix, vit_suffix)
-    if state.method == "lst":
-        from vpeft.methods.lst import ROOT
-
-        backbone_blocks = [block.base_layer for block in model.blocks]
-        if any(_stochastic(m) for m in (*embedding, *backbone_blocks)):
-            return None
-        side = model.get_submodule(ROOT)
-
-        def all_block_outputs(x: torch.Tensor) -> torch.Tensor:
-            x, outputs = embed(x), []
-            for block in backbone_blocks:
-                x = block(x)
-                outputs.append(x)
-            return torch.stack(outputs, dim=1)
-
-        def side_suffix(features: torch.Tensor) -> torch.Tensor:
-            return model.forward_head(model.norm(side.ladder(features)))
-
-        return CachedPrefix(all_block_outputs, side_suffix)
-    return None
+    return CachedPrefix(split.prefix, split.suffix)

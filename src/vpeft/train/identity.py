@@ -15,6 +15,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vpeft.api import make_config
+from vpeft.backbones import local_dir_weights
+from vpeft.tasks import DEFAULT_TASK_TYPE, get_task_type
+
 if TYPE_CHECKING:
     from vpeft.data import Task
     from vpeft.train.run import RunSpec
@@ -60,8 +64,6 @@ def data_fingerprint(task: Task, splits: tuple[str, ...]) -> str:
 
 def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, Any]:
     """The fields that define a run's result, with options resolved to the method's full config."""
-    import vpeft
-
     splits = ("train", "val") if spec.mode == "tune" else ("trainval", "test")
     identity = {
         "record_version": record_version,
@@ -72,7 +74,7 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
         "pretrained_file_sha256": file_sha256(spec.pretrained_file) if spec.pretrained_file else None,
         "local_dir_sha256": _local_dir_digest(spec.model),
         "method": spec.method,
-        "options": vpeft.make_config(spec.method, **spec.options).to_dict(),
+        "options": make_config(spec.method, **spec.options).to_dict(),
         "mode": spec.mode,
         "data": spec.data,
         "task": task.name,
@@ -82,9 +84,7 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
         "skip_bad_images": spec.skip_bad_images,
         "train": dataclasses.asdict(spec.train),
     }
-    if spec.task_type != "classification":  # classification runs keep the keys they always had
-        from vpeft.tasks import get_task_type
-
+    if spec.task_type != DEFAULT_TASK_TYPE:  # runs of the default task type keep the keys they always had
         identity["task_type"] = spec.task_type
         identity["task_options"] = get_task_type(spec.task_type).options(spec.task_options).to_dict()
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # plain JSON types, tuples as lists
@@ -92,8 +92,6 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
 
 def _local_dir_digest(model: str) -> str | None:
     """A ``local-dir:`` backbone's weights and config are part of the run: their sha256."""
-    from vpeft.backbones import local_dir_weights
-
     weights = local_dir_weights(model)
     if weights is None:
         return None

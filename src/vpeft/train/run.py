@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import random
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,16 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 import yaml
 
-import vpeft
+from vpeft.anatomy import describe
+from vpeft.api import apply as apply_method
+from vpeft.api import (
+    count_parameters,
+    count_trainable,
+    get_state,
+    load_adapter,
+    make_config,
+    read_adapter_config,
+    save_adapter,
+)
 from vpeft.backbones import create_backbone
+from vpeft.card import write_model_card
 from vpeft.config import coerce_fields, option
-from vpeft.data import DataError, ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
+from vpeft.data import DataError
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
-from vpeft.methods.base import StageContext, StageData
+from vpeft.files import write_json_atomic
+from vpeft.hub import resolve_adapter
+from vpeft.methods.base import MethodConfig, StageContext, StageData, get_method
 from vpeft.metrics import ppt
+from vpeft.tasks import DEFAULT_TASK_TYPE, DataOptions, TaskOptions, TaskType, get_task_type, task_type_names
+from vpeft.tasks.base import backbone_of
 from vpeft.train.feature_cache import plan_cached_prefix
 from vpeft.train.folders import (
     RESULT,
@@ -55,9 +69,9 @@ from vpeft.train.trainer import (
     distributed_from_env,
     resolve_device,
 )
+from vpeft.version import __version__
 
 MODES = ("tune", "final")
-TASK_TYPES = ("classification", "segmentation", "detection")
 #: version of the record layout; part of every run's identity (a new layout never reuses old records)
 RECORD_VERSION = 2
 
@@ -92,10 +106,9 @@ class RunSpec:
     )
     feature_cache_gb: float = option(8.0, "largest frozen-prefix feature cache to build, in GB; above it, no cache")
     task_type: str = option(
-        "classification",
-        "what the run predicts: classification (the fast path), segmentation (ade20k:, vocseg:, masks:, "
-        "mini-dense:segmentation data) or detection",
-        choices=TASK_TYPES,
+        DEFAULT_TASK_TYPE,
+        "what the run predicts, a registered task type: classification, segmentation (ade20k:, vocseg:, "
+        "masks:, mini-dense:segmentation data), detection (coco:, voc:, mini-dense:detection data)",
     )
     task_options: dict[str, Any] = option({}, "the task type's options (segmentation: channels, inference, ...)")
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -119,8 +132,8 @@ class RunSpec:
             raise ConfigError(f"feature_cache_gb must be >= 0, got {self.feature_cache_gb}")
         if self.cache_images not in ("auto", "on", "off"):
             raise ConfigError(f"cache_images must be auto, on or off, got '{self.cache_images}'")
-        if self.task_type not in TASK_TYPES:
-            raise ConfigError(f"task_type must be one of {', '.join(TASK_TYPES)}, got '{self.task_type}'")
+        if self.task_type not in task_type_names():
+            raise ConfigError(f"task_type must be one of {', '.join(task_type_names())}, got '{self.task_type}'")
         if self.pretrained_file is not None and self.model.startswith("vpeft/"):
             raise ConfigError(
                 f"--pretrained-file cannot be used with the embedded backbone '{self.model}' (it ships its own "
@@ -147,42 +160,25 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file, then rename it over ``path``: readers see the old or the new file.
-
-    On any error (a full disk, a value JSON cannot hold) the temporary file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def run_splits(mode: str) -> tuple[str, str]:
+    """(training split, evaluation split) of a protocol mode: tune trains on train and scores val, final trains
+    on train + val and scores test."""
+    return ("train", "val") if mode == "tune" else ("trainval", "test")
 
 
-def _datasets(spec: RunSpec, task: Task, model: torch.nn.Module) -> tuple[ImageDataset, ImageDataset]:
-    preset = spec.preset or ("fgvc" if task.kind == "fgvc" else "vtab")
-    cfg = input_config(model)
-    train_split, eval_split = ("train", "val") if spec.mode == "tune" else ("trainval", "test")
-    out = []
-    for split, train in ((train_split, True), (eval_split, False)):
-        geometry, normalize = build_transform(cfg, preset, train)
-        cache = spec.cache_images == "on" or (spec.cache_images == "auto" and is_deterministic(preset, train))
-        out.append(
-            ImageDataset(
-                task.split(split),
-                geometry,
-                normalize=normalize,
-                skip_bad_images=spec.skip_bad_images,
-                cache=cache and (train or spec.mode == "tune"),  # test is read once: streaming is enough
-                read=task.read,
-            )
-        )
-    return out[0], out[1]
+def data_options(spec: RunSpec, *, read_once: bool = False) -> DataOptions:
+    """How the run reads its data, for the task type's datasets."""
+    return DataOptions(spec.preset, spec.skip_bad_images, spec.cache_images, read_once)
+
+
+def run_datasets(spec: RunSpec, task_type: TaskType, options: TaskOptions, task: Any,
+                 model: torch.nn.Module) -> tuple[Any, Any]:  # fmt: skip
+    """The run's training and evaluation sets, transformed for ``model`` by its task type (test is read once)."""
+    train_split, eval_split = run_splits(spec.mode)
+    train_set = task_type.dataset(task, train_split, model, options, train=True, data=data_options(spec))
+    eval_set = task_type.dataset(task, eval_split, model, options, train=False,
+                                 data=data_options(spec, read_once=spec.mode == "final"))  # fmt: skip
+    return train_set, eval_set
 
 
 def build_backbone(spec: RunSpec, num_classes: int) -> torch.nn.Module:
@@ -198,30 +194,39 @@ def build_backbone(spec: RunSpec, num_classes: int) -> torch.nn.Module:
     )
 
 
-def build_model(spec: RunSpec, num_classes: int) -> torch.nn.Module:
-    """The backbone with the method applied; seeded so a run's initialisation is reproducible.
+def build_model(spec: RunSpec, num_classes: int, task_type: TaskType | None = None,
+                options: TaskOptions | None = None) -> torch.nn.Module:  # fmt: skip
+    """The task model: the backbone (seeded) with the method applied and the task type's head on top.
 
-    A method whose stage must first read the training split (GPS, SPT, SCT) is only checked against
-    the backbone here; :func:`prepare_model` applies it once the run has its data.
+    A method whose stage must first read the training split (GPS, SPT, SCT) is only checked against the
+    backbone here: the backbone is returned as it is, and :func:`prepare_model` applies the method once the
+    run has its data.
     """
-    model = build_backbone(spec, num_classes)
-    impl = vpeft.get_method(spec.method)
+    task_type = task_type or get_task_type(spec.task_type)
+    options = options if options is not None else task_type.options(spec.task_options)
+    backbone = build_backbone(spec, num_classes if task_type.head_in_backbone else 0)
     if needs_stage(spec):
-        impl.check_backbone(vpeft.describe(model))
-        return model
-    return vpeft.apply(model, spec.method, **spec.options)
+        if not task_type.data_stages:
+            raise ConfigError(
+                f"method '{spec.method}' chooses what to train from classification data (a data stage); "
+                f"it does not run on {task_type.name} tasks yet"
+            )
+        get_method(spec.method).check_backbone(describe(backbone))
+        return backbone
+    apply_method(backbone, spec.method, **spec.options)
+    return task_type.build(backbone, num_classes, options)
 
 
 def needs_stage(spec: RunSpec) -> bool:
     """Whether the run's method must read the training split before it is applied."""
-    impl = vpeft.get_method(spec.method)
-    return impl.stage is not None and not impl.prepared(vpeft.make_config(spec.method, **spec.options))
+    impl = get_method(spec.method)
+    return impl.stage is not None and not impl.prepared(make_config(spec.method, **spec.options))
 
 
 def _stage_split(split: str, mode: str, method: str, stage: str) -> str:
     """The task split a stage reads: the run's training split, or validation (a search, tune mode only)."""
     if split == "train":
-        return "train" if mode == "tune" else "trainval"
+        return run_splits(mode)[0]
     if mode != "tune":
         raise ConfigError(
             f"{method}: the {stage} stage reads the validation split, which a final run trains on; "
@@ -230,45 +235,37 @@ def _stage_split(split: str, mode: str, method: str, stage: str) -> str:
     return "val"
 
 
-def stage_data(
-    spec: RunSpec, task: Task, model: torch.nn.Module, split: str, train_set: ImageDataset | None = None
-) -> StageData:
-    """The one split a stage reads (never test), with the evaluation transform of the run's preset."""
-    preset = spec.preset or ("fgvc" if task.kind == "fgvc" else "vtab")
-    if train_set is not None and is_deterministic(preset, True):
-        dataset = train_set  # the training set itself: its transform is the evaluation one
-    else:
-        geometry, normalize = build_transform(input_config(model), preset, train=False)
-        dataset = ImageDataset(
-            task.split(split),
-            geometry,
-            normalize=normalize,
-            skip_bad_images=spec.skip_bad_images,
-            cache=spec.cache_images != "off",
-            read=task.read,
-        )
+def stage_data(spec: RunSpec, task: Any, model: torch.nn.Module, split: str, train_set: Any = None) -> StageData:
+    """The one split a stage reads (never test), without augmentation, from the run's task type."""
+    dataset = get_task_type(spec.task_type).stage_dataset(task, split, model, data_options(spec), train_set)
     return StageData(
         dataset, split=split, batch_size=spec.train.batch_size, device=resolve_device(spec.train.device),
         seed=spec.train.seed,
     )  # fmt: skip
 
 
-def prepare_model(spec: RunSpec, task: Task, model: torch.nn.Module, train_set: ImageDataset) -> dict[str, Any]:
+def prepare_model(spec: RunSpec, task: Any, model: torch.nn.Module, train_set: Any) -> dict[str, Any]:
     """Run the method's stage on the training split, then apply the method; returns the record's stage fields."""
-    impl = vpeft.get_method(spec.method)
+    impl = get_method(spec.method)
     split = _stage_split(impl.stage.split, spec.mode, spec.method, impl.stage.name)
     started = time.perf_counter()
     data = stage_data(spec, task, model, split, train_set)
-    vpeft.apply(model.to(data.device), spec.method, data=data, **spec.options)
+    apply_method(model.to(data.device), spec.method, data=data, **spec.options)
     return {"stage": impl.stage.name, "stage_split": split, "stage_seconds": time.perf_counter() - started}
 
 
-def _run_standalone(spec: RunSpec, out: Path, config: vpeft.MethodConfig) -> dict[str, Any]:
+def _run_standalone(spec: RunSpec, out: Path, config: MethodConfig) -> dict[str, Any]:
     """A stage that is a whole run (NOAH's search): it reads its one split, trains nothing, writes its files
     and a record, through the method's interface."""
-    impl = vpeft.get_method(spec.method)
+    impl = get_method(spec.method)
     stage = impl.standalone_stage(config)
-    task = load_task(spec.data, spec.num_classes)
+    task_type = get_task_type(spec.task_type)
+    if not task_type.data_stages:
+        raise ConfigError(
+            f"method '{spec.method}' searches on classification data (a standalone stage); it does not run on "
+            f"{task_type.name} tasks yet"
+        )
+    task = load_spec_task(spec)
     split = _stage_split(stage.split, spec.mode, spec.method, stage.name)
     context = StageContext(
         build_backbone=lambda num_classes: build_backbone(spec, num_classes),
@@ -282,7 +279,7 @@ def _run_standalone(spec: RunSpec, out: Path, config: vpeft.MethodConfig) -> dic
     for name, content in output.files.items():
         write_json_atomic(out / name, content)
     if output.adapter is not None:  # with the run's spec, as a training run's folder: `vpeft eval` reads both
-        vpeft.save_adapter(output.adapter, out)
+        save_adapter(output.adapter, out)
         (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     record = {"status": "ok", "method": spec.method, "stage": stage.name, "mode": stage.name, "eval_split": split,
               "task": task.name, "model": spec.model, "seed": spec.train.seed, "wall_seconds": seconds,
@@ -301,7 +298,7 @@ def run(
     progress: bool = True,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one run; write the adapter, ``config.yaml`` and ``result.json`` to ``out_dir``.
+    """Train and evaluate one run of any task type; write the adapter, ``config.yaml`` and ``result.json``.
 
     Bad input (data, options, model) raises before anything is written. A folder that already holds
     a run is refused unless ``resume`` (continue its checkpoint; the spec must be the same) or
@@ -315,56 +312,38 @@ def run(
     out = Path(out_dir)
     if resume and overwrite:
         raise ConfigError("--resume continues the run in the folder and --overwrite replaces it: pass only one")
-    config = vpeft.make_config(spec.method, **spec.options)  # fail fast on a bad method or option
-    dense = spec.task_type != "classification"  # segmentation, detection: through the TaskType interface
-    if not dense and vpeft.get_method(spec.method).standalone_stage(config) is not None:  # trains nothing
+    config = make_config(spec.method, **spec.options)  # fail fast on a bad method or option
+    task_type = get_task_type(spec.task_type)
+    options = task_type.options(spec.task_options)
+    if get_method(spec.method).standalone_stage(config) is not None:  # trains nothing
         return _run_standalone(spec, out, config)
     task = load_spec_task(spec)
     check_task_splits(task, spec.mode)
     identity = run_identity(spec, task, RECORD_VERSION)
     key = run_key(identity)
-    if dense:
-        from vpeft.tasks import get_task_type
-        from vpeft.train.task_run import build_task_model
-
-        task_type = get_task_type(spec.task_type)
-        num_classes = spec.num_classes or task.num_classes
-        model = build_task_model(spec, task_type, num_classes, task_type.options(spec.task_options))
-    else:
-        model = build_model(spec, spec.num_classes or task.num_classes)  # a bad model name fails before any write
+    num_classes = spec.num_classes or task.num_classes
+    model = build_model(spec, num_classes, task_type, options)  # a bad model name fails before any write
     main_process = distributed_from_env().is_main  # under torchrun only rank 0 writes
     lock = RunLock(out).acquire() if main_process else None
     try:
         work = _work_folder(out, identity, key, resume=resume, overwrite=overwrite, reuse=reuse_finished)
         if isinstance(work, dict):
             return work  # a finished run of the same spec
-        if dense:
-            from vpeft.train.task_run import train_task
-
-            return train_task(
-                spec, task, model, identity, key, out, work, resume=resume, progress=progress, on_epoch=on_epoch
-            )
-        return _train_and_record(
-            spec, task, model, identity, key, out, work, resume=resume, progress=progress, on_epoch=on_epoch
-        )
+        return _train_and_record(spec, task_type, options, task, model, identity, key, out, work, resume=resume,
+                                 progress=progress, on_epoch=on_epoch)  # fmt: skip
     finally:
         if lock is not None:
             lock.release()
 
 
 def load_spec_task(spec: RunSpec) -> Any:
-    """The run's task, read by its task type's loader (classification: :func:`vpeft.data.load_task`)."""
-    if spec.task_type == "classification":
-        return load_task(spec.data, spec.num_classes)
-    from vpeft.tasks import get_task_type
-
+    """The run's task, read by its task type's loader."""
     return get_task_type(spec.task_type).load_task(spec.data, spec.num_classes)
 
 
-def check_task_splits(task: Task, mode: str) -> None:
+def check_task_splits(task: Any, mode: str) -> None:
     """Refuse a run whose training or evaluation split is empty (it would train on nothing, or score nothing)."""
-    train_split, eval_split = ("train", "val") if mode == "tune" else ("trainval", "test")
-    for split in (train_split, eval_split):
+    for split in run_splits(mode):
         if not task.split(split):
             raise DataError(f"the '{split}' split of task '{task.name}' ({task.root}) is empty; check its split file")
 
@@ -427,7 +406,9 @@ def _saved_identity(out: Path) -> dict[str, Any] | None:
 
 def _train_and_record(
     spec: RunSpec,
-    task: Task,
+    task_type: TaskType,
+    options: TaskOptions,
+    task: Any,
     model: torch.nn.Module,
     identity: dict[str, Any],
     key: str,
@@ -438,22 +419,26 @@ def _train_and_record(
     progress: bool,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> dict[str, Any]:
-    train_set, eval_set = _datasets(spec, task, model)
+    train_set, eval_set = run_datasets(spec, task_type, options, task, model)
+    num_classes = spec.num_classes or task.num_classes
     started = time.time()
     stage = {"stage_seconds": 0.0}
-    if vpeft.get_state(model) is None:  # the method reads the training split first (GPS, SPT, SCT)
+    if get_state(model) is None and not any(get_state(m) for m in model.modules()):  # a data stage comes first
         stage = prepare_model(spec, task, model, train_set)
-    trainer = Trainer(model, spec.train, work, progress=progress, on_epoch=on_epoch)
+        model = task_type.build(model, num_classes, options)
+    trainer = Trainer(model, spec.train, work, progress=progress, on_epoch=on_epoch, task_type=task_type,
+                      options=options, eval_kwargs=task_type.eval_kwargs(task, options))  # fmt: skip
     main_process = trainer.dist.is_main
     if main_process:
         work.mkdir(parents=True, exist_ok=True)
         (work / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    base = {**_record_base(spec, task, model), "run_key": key, "identity": identity}
+    base = {**record_base(spec, task, model, task_type, options), "run_key": key, "identity": identity}
     if spec.train.device == "auto" and trainer.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(trainer.device)
-    fit_set: torch.utils.data.Dataset = train_set
+    fit_set: Any = train_set
     plan = None
-    if spec.feature_cache == "auto" and train_set.cached and trainer.dist.world == 1 and not spec.train.compile:
+    if (task_type.feature_cache and spec.feature_cache == "auto" and getattr(train_set, "cached", False)
+            and trainer.dist.world == 1 and not spec.train.compile):  # fmt: skip
         plan = plan_cached_prefix(model)
     if plan is not None:  # the frozen prefix runs once per image; epochs train the suffix only
         extract_start = time.perf_counter()
@@ -469,16 +454,21 @@ def _train_and_record(
         if main_process:
             write_json_atomic(work / RESULT, {**base, "status": "failed", "error": str(exc)})
         raise
-    accuracy = history[-1].val_acc if spec.mode == "tune" else trainer.evaluate(eval_set)
+    metrics = trainer.last_metrics if spec.mode == "tune" and trainer.last_metrics else trainer.evaluate(eval_set)
+    score = metrics[task_type.primary_metric]
     memory, memory_kind = trainer.peak_memory_mb()
     record = {
         **base,
         "status": "ok",
-        "eval_split": "val" if spec.mode == "tune" else "test",
+        "eval_split": run_splits(spec.mode)[1],
         "selection": "final_epoch",
         "selected_epoch": history[-1].epoch,
-        "top1": 100.0 * accuracy,
-        "ppt": ppt(accuracy, base["trainable_params"]),
+        "metrics": metrics,
+        "metric_names": [m for m in task_type.metric_names if m in metrics],
+        **metrics,
+        "score": score,
+        "ppt": ppt(score / 100.0, base["trainable_params"]),
+        **task_type.record_fields(task, options),
         "train_seconds": trainer.train_seconds,
         "compile_seconds": trainer.compile_seconds,
         **stage,
@@ -489,16 +479,14 @@ def _train_and_record(
         "memory_estimate_mb": trainer.memory_estimate_mb,
         "memory_estimate_kind": MEMORY_ESTIMATE_KIND,
         "final_train_loss": history[-1].train_loss,
-        "skipped_images": len(train_set.skipped) + len(eval_set.skipped),
+        "skipped_images": len(getattr(train_set, "skipped", ())) + len(getattr(eval_set, "skipped", ())),
         "device": str(trainer.device),
         "world_size": trainer.dist.world,
         "feature_cache": plan is not None,
     }
     if main_process:
-        vpeft.save_adapter(model, work)
-        from vpeft.card import write_model_card
-
-        write_model_card(work, record)  # README.md: a Hub-style card with method, backbone, task, accuracy
+        task_type.save(model, work, num_classes, options)
+        write_model_card(work, record, tag=task_type.hub_tag)  # README.md: a Hub-style card
         trainer.remove_checkpoint()
         if work != out:
             commit_staged(work, out)
@@ -506,23 +494,32 @@ def _train_and_record(
     return record
 
 
-def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str, Any]:
-    state = vpeft.get_state(model)
+def record_base(spec: RunSpec, task: Any, model: torch.nn.Module, task_type: TaskType | None = None,
+                options: TaskOptions | None = None) -> dict[str, Any]:  # fmt: skip
+    """The fields every record of a run has before training (spec, backbone identity, parameter counts,
+    versions); ``model`` is the task model (the backbone itself for classification)."""
+    task_type = task_type or get_task_type(spec.task_type)
+    options = options if options is not None else task_type.options(spec.task_options)
+    backbone = backbone_of(model)[1]
+    state = get_state(backbone)
     weights = {"pretrained": spec.pretrained, "digest": state.identity["weights"]}
     if spec.pretrained_file:
         weights["file"] = spec.pretrained_file
         weights["file_sha256"] = (file_sha256(spec.pretrained_file) or "")[:16]  # hashed once, for the run key
-    import timm
-
+    method_params = count_trainable(backbone, include_head=False)
+    with_head = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "record_version": RECORD_VERSION,
         "method": spec.method,
-        "options": _record_options(state.config.to_dict()),
+        "options": record_options(state.config.to_dict()),
         "model": spec.model,
         "architecture": state.identity["architecture"],
         "weights": weights,
         "task": task.name,
         "data": spec.data,
+        "task_type": task_type.name,
+        "task_options": options.to_dict(),
+        "primary_metric": task_type.primary_metric,
         "num_classes": task.num_classes if spec.num_classes is None else spec.num_classes,
         "seed": spec.train.seed,
         "mode": spec.mode,
@@ -530,12 +527,13 @@ def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str,
         "lr": spec.train.lr,
         "wd": spec.train.weight_decay,
         "train": dataclasses.asdict(spec.train),
-        "train_size": len(task.split("train" if spec.mode == "tune" else "trainval")),
-        "trainable_params": vpeft.count_trainable(model, include_head=False),
-        "trainable_params_with_head": vpeft.count_trainable(model, include_head=True),
-        "total_params": vpeft.count_parameters(model),
+        "train_size": len(task.split(run_splits(spec.mode)[0])),
+        "trainable_params": method_params,
+        "trainable_params_with_head": with_head,
+        "head_params": with_head - method_params,
+        "total_params": count_parameters(model),
         "versions": {
-            "vpeft": vpeft.__version__,
+            "vpeft": __version__,
             "torch": torch.__version__,
             "timm": timm.__version__,
             "python": platform.python_version(),
@@ -545,7 +543,7 @@ def _record_base(spec: RunSpec, task: Task, model: torch.nn.Module) -> dict[str,
     }
 
 
-def _record_options(options: dict[str, Any]) -> dict[str, Any]:
+def record_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options for the record: a stage's selection (long lists, kept in adapter_config.json) as its digest."""
     if options.get("selection") is None:
         return options
@@ -567,17 +565,16 @@ def evaluate_adapter(
     model_args: dict[str, Any] | None = None,
     skip_bad_images: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy of a saved adapter on a split of a task.
+    """Accuracy of a saved classification adapter on a split of a task.
 
     Refuses an adapter whose head does not fit the task's class count; warns (``warnings`` in the
     result) when the split was part of the adapter's training data.
     """
-    from vpeft.hub import resolve_adapter
-
     adapter_dir = resolve_adapter(adapter_dir)  # a folder, or hf-hub:<repo id> fetched once
-    saved = vpeft.read_adapter_config(adapter_dir)
+    saved = read_adapter_config(adapter_dir)
     num_classes = saved["backbone"]["num_classes"]
-    task = load_task(data)
+    task_type = get_task_type(DEFAULT_TASK_TYPE)
+    task = task_type.load_task(data)
     if task.num_classes != num_classes:
         raise AdapterMismatchError(
             f"the adapter in '{adapter_dir}' has a {num_classes}-class head, but task '{task.name}' ({data}) has "
@@ -587,7 +584,7 @@ def evaluate_adapter(
     run_config = Path(adapter_dir) / "config.yaml"
     trained = yaml.safe_load(run_config.read_text()) if run_config.is_file() else None
     trained = trained if isinstance(trained, dict) else {}
-    if trained.get("data") and load_task(trained["data"]).name == task.name:
+    if trained.get("data") and task_type.load_task(trained["data"]).name == task.name:
         mode = trained.get("mode", "final")
         seen = ("train",) if mode == "tune" else ("train", "val", "trainval")
         if split in seen:
@@ -600,20 +597,17 @@ def evaluate_adapter(
     model = create_backbone(
         model_name, num_classes, pretrained=pretrained, pretrained_file=pretrained_file, **(model_args or {})
     )
-    vpeft.load_adapter(model, adapter_dir)
-    preset = preset or ("fgvc" if task.kind == "fgvc" else "vtab")
-    geometry, normalize = build_transform(input_config(model), preset, train=False)
-    dataset = ImageDataset(
-        task.split(split), geometry, normalize=normalize, read=task.read, skip_bad_images=skip_bad_images
-    )
+    load_adapter(model, adapter_dir)
+    reading = DataOptions(preset, skip_bad_images, cache_images="off", read_once=True)
+    dataset = task_type.dataset(task, split, model, task_type.options(), train=False, data=reading)
     trainer = Trainer(
         model, TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch_size, device=device), progress=False
     )
-    accuracy = trainer.evaluate(dataset)
+    metrics = trainer.evaluate(dataset)
     return {
         "task": task.name,
         "split": split,
-        "top1": 100.0 * accuracy,
+        "top1": metrics["top1"],
         "images": len(dataset),
         "method": saved["method"],
         "warnings": warnings,

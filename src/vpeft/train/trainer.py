@@ -1,4 +1,4 @@
-"""The training loop: AdamW on trainable parameters, warm-up + cosine, label smoothing, AMP on CUDA.
+"""The training loop of every task type: AdamW on trainable parameters, warm-up + schedule, AMP on CUDA.
 
 One recipe for every method (V-PETL Bench's values as defaults). The trainer never sees test
 data: the caller hands it a training set and, optionally, a validation set.
@@ -20,9 +20,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vpeft.api import trainable_parameters
+from vpeft.anatomy import describe
+from vpeft.api import get_state
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError, VPeftError
+from vpeft.methods.base import StageData, set_stage_trainer
+from vpeft.tasks import DEFAULT_TASK_TYPE, Schedule, TaskOptions, TaskType, get_task_type
 from vpeft.train.batches import DeviceBatches
 from vpeft.train.memory import SavedTensorBytes, step_memory_mb
 
@@ -120,10 +123,15 @@ def check_device(name: str) -> None:
         raise ConfigError(f"--device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
 
 
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that train, by name (a vpeft model's method and head; a task model's head too)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no decay on 1-D tensors (biases, norm and SSF scales/shifts) nor prompts."""
     decay, no_decay = [], []
-    for name, p in trainable_parameters(model).items():
+    for name, p in trainable(model).items():
         (no_decay if p.ndim <= 1 or "prompt" in name else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -131,12 +139,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from warmup_lr to lr over ``warmup`` steps, then cosine down to min_lr."""
+def lr_at(step: int, total: int, warmup: int, cfg: TrainConfig, schedule: Schedule | None = None) -> float:
+    """Linear warm-up from warmup_lr to lr over ``warmup`` steps, then ``schedule`` (cosine by default,
+    or poly ``(1 - t) ** power``) down to min_lr."""
     if step < warmup:
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule is not None and schedule.kind == "poly":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 - progress) ** schedule.power
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -210,21 +221,25 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def _is_cnn(model: nn.Module) -> bool:
-    from vpeft.anatomy import describe
-    from vpeft.api import get_state
-
     state = get_state(model)
     try:
         return (state.anatomy if state is not None else describe(model)).family == "cnn"
-    except Exception:  # an architecture the anatomy does not know: leave its memory format alone
+    except VPeftError:  # an architecture the anatomy does not know (a task model): leave its memory format alone
         return False
 
 
-def format_epoch(stats: EpochStats, epochs: int) -> str:
+def format_epoch(stats: EpochStats, epochs: int, metric: str = "top1") -> str:
     """One line per epoch: what a person watching a run wants to read."""
-    val = f" | val acc {100 * stats.val_acc:.2f}%" if stats.val_acc is not None else ""
-    return (f"epoch {stats.epoch}/{epochs} | loss {stats.train_loss:.4f} | train acc {100 * stats.train_acc:.2f}%{val}"
-            f" | {stats.images_per_s:.0f} img/s | lr {stats.lr:.3g} | {stats.seconds:.1f}s")  # fmt: skip
+    line = f"epoch {stats.epoch}/{epochs} | loss {stats.train_loss:.4f}"
+    if stats.train_acc is not None:
+        line += f" | train acc {100 * stats.train_acc:.2f}%"
+    if stats.val_acc is not None:
+        line += (
+            f" | val acc {100 * stats.val_acc:.2f}%"
+            if metric == "top1"
+            else f" | val {metric} {100 * stats.val_acc:.2f}"
+        )
+    return line + f" | {stats.images_per_s:.0f} img/s | lr {stats.lr:.3g} | {stats.seconds:.1f}s"
 
 
 @dataclass
@@ -232,9 +247,11 @@ class EpochStats:
     epoch: int
     lr: float
     train_loss: float
-    train_acc: float
+    #: training accuracy (a fraction) where the task type counts correct predictions, else None
+    train_acc: float | None
     images_per_s: float
     seconds: float
+    #: the primary validation metric as a fraction (top-1, mIoU / 100, ...), when evaluated
     val_acc: float | None = None
 
 
@@ -314,8 +331,21 @@ def restore_checkpoint(trainer: Any, state: dict[str, Any]) -> int:
     return int(state["epoch"]) + 1
 
 
+def _persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's saved buffers (BatchNorm statistics of heads, pyramids and methods), by state_dict name."""
+    names = {n for n, _ in model.named_buffers()}
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k in names}
+
+
 class Trainer:
-    """Trains the trainable parameters of a vpeft model; logs to JSONL (and TensorBoard when installed)."""
+    """Trains the trainable parameters of a model for a task type; logs to JSONL (and TensorBoard when installed).
+
+    The one training loop of vpeft: every task type (classification, segmentation, detection...) and
+    multi-task training. The task type supplies the loss of a batch, the evaluation, the collate function
+    and the schedule after warm-up; the trainer supplies AdamW, warm-up + schedule, AMP, DDP under torchrun,
+    ``torch.compile``, device-held batches where the split allows, clipping, the divergence check,
+    checkpoints and resume, the per-epoch line and memory figures.
+    """
 
     def __init__(
         self,
@@ -324,9 +354,18 @@ class Trainer:
         out_dir: str | Path | None = None,
         progress: bool = True,
         on_epoch: Callable[[EpochStats], None] | None = None,
+        *,
+        task_type: TaskType | None = None,
+        options: TaskOptions | None = None,
+        eval_kwargs: dict[str, Any] | None = None,
     ):
-        """``progress``: a live bar per epoch and one kept line per epoch; ``on_epoch``: called with each epoch's stats."""
+        """``progress``: a live bar per epoch and one kept line per epoch; ``on_epoch``: called with each epoch's
+        stats; ``task_type`` (classification by default) with its ``options``; ``eval_kwargs`` for its evaluate."""
         self.cfg = cfg
+        self.task_type = task_type or get_task_type(DEFAULT_TASK_TYPE)
+        self.options = options if options is not None else self.task_type.options()
+        self.schedule = self.task_type.lr_schedule(self.options)
+        self.eval_kwargs = dict(eval_kwargs or {})
         self.on_epoch = on_epoch
         self.memory_estimate_mb: float | None = None
         self.device = resolve_device(cfg.device)
@@ -341,18 +380,16 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
-        self.params = trainable_parameters(model)
+        self.params = trainable(model)
         if not self.params:
             raise ConfigError("the model has no trainable parameters; apply a vpeft method first")
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.per_sample_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
         self.compile_seconds: float | None = None
         self._device_sets: dict[int, tuple[Dataset, DeviceBatches | None]] = {}
         self._loaders: dict[tuple[int, bool], tuple[Dataset, DataLoader]] = {}
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.train_forward: nn.Module = self.model
+        self.train_forward: nn.Module | Callable[[Any], Any] = self.model
         if self.dist.world > 1:  # DDP buckets hold only parameters that require grad: the trainable ones
             self.train_forward = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -361,6 +398,7 @@ class Trainer:
         if cfg.compile:
             self.train_forward = torch.compile(self.train_forward)
         self.history: list[EpochStats] = []
+        self.last_metrics: dict[str, float] | None = None
         self.train_seconds = 0.0
         self.images_seen = 0
         self._tb = None
@@ -397,6 +435,7 @@ class Trainer:
                 batch_size=self.cfg.batch_size // world,
                 sampler=sampler,
                 num_workers=workers,
+                collate_fn=self.task_type.collate,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=workers > 0,
                 drop_last=False,
@@ -411,10 +450,16 @@ class Trainer:
     def _save_checkpoint(self, epoch: int) -> None:
         if self.out_dir is None or not self.dist.is_main:
             return
-        write_checkpoint(self.out_dir, checkpoint_state(self, epoch))
+        state = checkpoint_state(self, epoch)
+        state["buffers"] = _persistent_buffers(self.model)  # norm statistics of heads, pyramids, methods
+        write_checkpoint(self.out_dir, state)
 
     def _load_checkpoint(self) -> int:
-        return restore_checkpoint(self, read_checkpoint(self.out_dir, self.params))
+        state = read_checkpoint(self.out_dir, self.params)
+        buffers = state.get("buffers", state.get("head"))  # "head": the dense trainer's checkpoints
+        if isinstance(buffers, dict):
+            self.model.load_state_dict(buffers, strict=False)
+        return restore_checkpoint(self, state)
 
     def remove_checkpoint(self) -> None:
         if self.out_dir is not None and (self.out_dir / CHECKPOINT).exists():
@@ -443,71 +488,82 @@ class Trainer:
 
     # ------------------------------------------------------------ loops
 
-    def fit(self, train_set: Dataset, val_set: Dataset | None = None, resume: bool = False) -> list[EpochStats]:
-        """Train for ``cfg.epochs``; evaluate on ``val_set`` per ``eval_every`` and after the last epoch."""
+    def steps_per_epoch(self, train_set: Any) -> int:
+        """Optimisation steps in one epoch of ``train_set`` (a batch source says so itself)."""
+        if isinstance(train_set, BatchSource):
+            return train_set.steps_per_epoch(self.cfg.batch_size)
+        return math.ceil(len(train_set) / self.cfg.batch_size)
+
+    def fit(self, train_set: Dataset | BatchSource, val_set: Dataset | None = None,
+            resume: bool = False) -> list[EpochStats]:  # fmt: skip
+        """Train for ``cfg.epochs``; evaluate on ``val_set`` per ``eval_every`` and after the last epoch
+        (its metrics in :attr:`last_metrics`). ``train_set`` is a dataset of the task type, or a
+        :class:`BatchSource` that draws its own batches (multi-task mixed batches)."""
         cfg = self.cfg
         start = self._load_checkpoint() if resume else 0
         if not resume and self.dist.is_main and self.out_dir is not None and (self.out_dir / "log.jsonl").exists():
             (self.out_dir / "log.jsonl").unlink()
-        steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-        total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+        steps_per_epoch = self.steps_per_epoch(train_set)
+        total = cfg.epochs * steps_per_epoch
+        warmup = self.schedule.warmup_steps
+        warmup = min(total, warmup if warmup is not None else cfg.warmup_epochs * steps_per_epoch)
         for epoch in range(start, cfg.epochs):
             stats = self._train_epoch(train_set, epoch, steps_per_epoch, total, warmup)
             last = epoch == cfg.epochs - 1
             if val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                stats.val_acc = self.evaluate(val_set)
+                self.last_metrics = self.evaluate(val_set)
+                stats.val_acc = self.last_metrics[self.task_type.primary_metric] / 100.0
             self.history.append(stats)
+            self._save_checkpoint(epoch)  # before the callbacks: an interrupted run resumes after this epoch
             self._log(stats)
             self._report_epoch(stats)
-            self._save_checkpoint(epoch)
         return self.history
 
-    def _batches(self, dataset: Dataset, shuffle: bool, epoch: int = 0) -> tuple[Iterable, int]:
-        """This rank's batches of an epoch: gathered on the device when the split is held in memory, else a
-        DataLoader. Training: a seeded shuffle strided over ranks; evaluation: the whole split in order."""
+    def _batches(self, dataset: Any, shuffle: bool, epoch: int = 0) -> tuple[Iterable, int]:
+        """This rank's batches of an epoch: drawn by a batch source itself, gathered on the device when the
+        split is held in memory, else a DataLoader. Training: a seeded shuffle strided over ranks;
+        evaluation: the whole split in order."""
         world, rank = (self.dist.world, self.dist.rank) if shuffle else (1, 0)
+        if isinstance(dataset, BatchSource):
+            return dataset.epoch_batches(epoch, self.cfg.batch_size, self.cfg.seed, rank, world)
         per_rank = self.cfg.batch_size // world
         if id(dataset) not in self._device_sets:  # the dataset is kept with it, so its id stays its own
             self._device_sets[id(dataset)] = (dataset, DeviceBatches.from_dataset(dataset, self.device))
         held = self._device_sets[id(dataset)][1]
         if held is None:
             loader = self._loader(dataset, shuffle, epoch)
-            return ((x, y, y.shape[0]) for x, y in loader), len(loader)
+            return loader, len(loader)
         order = torch.tensor(ShardedShuffle(len(dataset), self.cfg.seed, epoch, rank, world, shuffle)._order_for_rank())
         steps = math.ceil(order.numel() / per_rank)
         return held.batches(order, per_rank, pad=self.cfg.compile), steps
 
-    def _train_epoch(self, dataset: Dataset, epoch: int, steps_per_epoch: int, total: int, warmup: int) -> EpochStats:
+    def _train_epoch(self, dataset: Any, epoch: int, steps_per_epoch: int, total: int, warmup: int) -> EpochStats:
         """One epoch. Loss and correct counts stay on the device; finiteness is checked every
         ``NAN_CHECK_EVERY`` steps (one host sync) instead of every step."""
         set_train_mode(self.model)
         batches, n_steps = self._batches(dataset, shuffle=True, epoch=epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
+        counted = False  # whether the task type counts correct predictions
         window = torch.zeros((), dtype=torch.float32, device=self.device)  # loss sum since the last check
         seen, checked = 0, 0
         start = time.perf_counter()
         bar = self._bar(batches, f"epoch {epoch + 1}/{self.cfg.epochs}", total=n_steps)
         lr = self.cfg.lr
-        for i, (x, y, valid) in enumerate(bar):
+        task = self.task_type
+        for i, batch in enumerate(bar):
             step = epoch * steps_per_epoch + i
-            lr = lr_at(step, total, warmup, self.cfg)
+            lr = lr_at(step, total, warmup, self.cfg, self.schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            batch = task.batch_to(batch, self.device, self.channels_last)
+            valid = task.batch_size(batch)
             measure = self.memory_estimate_mb is None and not self.cfg.compile  # hooks would break the compiled graph
             saved = SavedTensorBytes() if measure else contextlib.nullcontext()
             first_compiled = self.cfg.compile and self.compile_seconds is None
             step_start = time.perf_counter()
             with self._autocast(), saved:
-                logits = self.train_forward(x)
-                if valid < y.shape[0]:  # a padded last batch (compiled model): the extra rows count for nothing
-                    mask = (torch.arange(y.shape[0], device=y.device) < valid).float()
-                    loss = (self.per_sample_criterion(logits.float(), y) * mask).sum() / valid
-                else:
-                    loss = self.criterion(logits.float(), y)
+                loss, hits = task.training_step(self.train_forward, batch, self.cfg.label_smoothing)
             if isinstance(saved, SavedTensorBytes):
                 self.memory_estimate_mb = step_memory_mb(self.model, saved.total)
             detached = loss.detach()
@@ -522,12 +578,16 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 self.compile_seconds = time.perf_counter() - step_start  # the first step compiles the graph
             loss_sum += detached.double() * valid
-            correct += (logits.detach()[:valid].argmax(dim=-1) == y[:valid]).sum()
+            if hits is not None:
+                correct += hits
+                counted = True
             seen += valid
             if hasattr(bar, "set_postfix") and checked == i + 1:  # the values are on the host at a check only
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / elapsed:.0f}")  # fmt: skip
+                postfix = {"loss": f"{loss_sum.item() / seen:.3f}", "img_s": f"{seen / elapsed:.0f}"}
+                if counted:
+                    postfix["acc"] = f"{correct.item() / seen:.3f}"
+                bar.set_postfix(**postfix)
         seconds = time.perf_counter() - start
         if self.cfg.compile and epoch == 0 and self.compile_seconds:
             seconds = max(seconds - self.compile_seconds, 1e-9)  # compile time is reported apart
@@ -538,8 +598,8 @@ class Trainer:
         seen_total = int(seen_total)
         self.train_seconds += seconds
         self.images_seen += seen_total
-        return EpochStats(epoch + 1, lr, loss_total / max(1, seen_total), correct_total / max(1, seen_total),
-                          seen_total / seconds, seconds)  # fmt: skip
+        accuracy = correct_total / max(1, seen_total) if counted else None
+        return EpochStats(epoch + 1, lr, loss_total / max(1, seen_total), accuracy, seen_total / seconds, seconds)
 
     def _check_finite(self, window: torch.Tensor, epoch: int, first: int, last: int, step: int) -> None:
         """One host sync: stop every rank together when a loss since the last check was not finite."""
@@ -565,7 +625,7 @@ class Trainer:
         if self.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            tqdm.write(format_epoch(stats, self.cfg.epochs))
+            tqdm.write(format_epoch(stats, self.cfg.epochs, self.task_type.primary_metric))
         if self.on_epoch is not None and self.dist.is_main:
             self.on_epoch(stats)
 
@@ -577,19 +637,15 @@ class Trainer:
         return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset) -> float:
-        """Top-1 accuracy (a fraction) on a dataset."""
+    def evaluate(self, dataset: Dataset, **kwargs: Any) -> dict[str, float]:
+        """Every metric of the task type on a dataset (percentages; classification: ``top1``)."""
         self.model.eval()
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
         batches, n_steps = self._batches(dataset, shuffle=False)
-        for x, y, valid in self._bar(batches, "eval", total=n_steps):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.forward(x)
-            correct += (logits[:valid].argmax(dim=-1) == y[:valid]).sum()
-            seen += valid
-        return correct.item() / max(1, seen)
+        moved = (
+            self.task_type.batch_to(b, self.device, self.channels_last) for b in self._bar(batches, "eval", n_steps)
+        )
+        with self._autocast():
+            return self.task_type.evaluate(self.forward, moved, **{**self.eval_kwargs, **kwargs})
 
     def peak_memory_mb(self) -> tuple[float, str]:
         """Peak memory: CUDA's max allocated on GPU; the process's peak RSS on CPU."""
@@ -598,3 +654,27 @@ class Trainer:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_process_max_rss"
+
+
+class BatchSource:
+    """A training set that draws its own batches (multi-task mixed batches): the trainer asks it for an
+    epoch's batches instead of sampling a dataset."""
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        raise NotImplementedError
+
+    def epoch_batches(self, epoch: int, batch_size: int, seed: int, rank: int, world: int) -> tuple[Iterable, int]:
+        """(this rank's batches of ``epoch``, their count): the same for a seed and epoch on every call."""
+        raise NotImplementedError
+
+
+def fit_stage(model: nn.Module, data: StageData, epochs: int, lr: float) -> None:
+    """Train ``model``'s trainable parameters on a stage's split (a method stage that trains, such as E2VPT's
+    pruning): this trainer, classification loss, constant ``lr``, no warm-up, nothing written."""
+    cfg = TrainConfig(epochs=epochs, batch_size=data.batch_size, lr=lr, weight_decay=0.0, warmup_epochs=0,
+                      min_lr=lr, label_smoothing=0.0, drop_path=0.0, seed=data.seed,
+                      device=str(data.device))  # fmt: skip
+    Trainer(model, cfg, progress=False).fit(data.dataset)
+
+
+set_stage_trainer(fit_stage)
