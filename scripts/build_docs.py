@@ -133,8 +133,12 @@ def render(source: Path, root: Path, out: Path, queue: list[Path]) -> None:
     target = out / rel.with_suffix(".html")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(
-        TEMPLATE.format(title=html.escape(INLINE_CODE.sub(lambda m: m.group(0)[1:-1], title)), body=body,
-                        home=f"{up}index.html", api=f"{up}api/index.html"),
+        TEMPLATE.format(
+            title=html.escape(INLINE_CODE.sub(lambda m: m.group(0)[1:-1], title)),
+            body=body,
+            home=f"{up}index.html",
+            api=f"{up}api/index.html",
+        ),
         encoding="utf-8",
     )
 
@@ -155,8 +159,8 @@ def build(out: Path, root: Path = ROOT) -> list[Path]:
         for s in pages(root)
     )
     body = (
-        "<h1>vpeft documentation</h1>\n<p>Start with the <a href=\"README.html\">README</a>; the pages:</p>\n"
-        f"<ul>\n{items}\n</ul>\n<p>The <a href=\"api/index.html\">API reference</a>, generated from the "
+        '<h1>vpeft documentation</h1>\n<p>Start with the <a href="README.html">README</a>; the pages:</p>\n'
+        f'<ul>\n{items}\n</ul>\n<p>The <a href="api/index.html">API reference</a>, generated from the '
         "docstrings with pdoc.</p>"
     )
     (out / "index.html").write_text(
