@@ -79,7 +79,10 @@ def test_block_selection() -> None:
         "```text\nvpeft tasks mini\n```\n"
     )
     blocks = shell_blocks(text)
-    assert blocks == [["vpeft tasks mini"], ["vpeft train --data vtab1k:/data/x   --out y"]]
+    assert [[" ".join(c.split()) for c in b] for b in blocks] == [
+        ["vpeft tasks mini"],
+        ["vpeft train --data vtab1k:/data/x --out y"],
+    ]
     assert runnable(blocks) == [["vpeft tasks mini"]]
 
 
