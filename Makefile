@@ -29,15 +29,19 @@ lint: install
 bench: install
 	$(VENV)/bin/vpeft bench --suite mini --out results/bench-mini
 
-# API reference from the docstrings (pdoc) into $(DOCS_OUT); a package's __all__ hides its submodules
-# from pdoc, so those are named explicitly.
-DOCS_OUT ?= site/api
+# The docs pages (README.md, docs/**/*.md) as HTML into $(SITE), after checking that every relative
+# link between them resolves (scripts/build_docs.py fails on a broken one); then the API reference from
+# the docstrings (pdoc) into $(DOCS_OUT); a package's __all__ hides its submodules from pdoc, so those
+# are named explicitly. $(SITE)/index.html links the pages and the API reference.
+SITE ?= site
+DOCS_OUT ?= $(SITE)/api
 docs: install
+	$(PY) scripts/build_docs.py --out $(SITE)
 	$(PY) -c 'import importlib, pkgutil, vpeft; from pdoc.__main__ import cli; \
 	names = [m.name for m in pkgutil.walk_packages(vpeft.__path__, "vpeft.") if "._" not in m.name]; \
 	hidden = [n for n in names if n.rpartition(".")[2] not in getattr(importlib.import_module(n.rpartition(".")[0]), "__all__", [n.rpartition(".")[2]])]; \
 	cli(["--docformat", "markdown", "-o", "$(DOCS_OUT)", "vpeft", *hidden])'
-	@echo "API reference: $(DOCS_OUT)/index.html"
+	@echo "docs: $(SITE)/index.html, API reference: $(DOCS_OUT)/index.html"
 
 # On a GPU machine without network (torch, timm and peft preinstalled): step table against full FT
 # and peft, an end-to-end train on a generated VTAB-1k-sized task, a profile per method, the tests.
