@@ -99,14 +99,19 @@ def test_scores_follow_the_primary_metric() -> None:
 def test_poly_and_cosine_schedules_after_linear_warmup() -> None:
     from vpeft.tasks import get_task_type
     from vpeft.train import TrainConfig
-    from vpeft.train.task_run import lr_at
+    from vpeft.train.trainer import lr_at
 
     cfg = TrainConfig(epochs=1, warmup_epochs=0, lr=1.0, warmup_lr=0.0, min_lr=0.0)
-    poly = get_task_type("segmentation").options({"schedule": "poly", "poly_power": 1.0})
+    seg = get_task_type("segmentation")
+
+    def schedule(**options):
+        return seg.lr_schedule(seg.options(options))
+
+    poly = schedule(schedule="poly", poly_power=1.0)
     assert [lr_at(s, 110, 10, cfg, poly) for s in (0, 5, 10, 60, 110)] == pytest.approx([0.0, 0.5, 1.0, 0.5, 0.0])
-    square = get_task_type("segmentation").options({"schedule": "poly", "poly_power": 2.0})
+    square = schedule(schedule="poly", poly_power=2.0)
     assert lr_at(60, 110, 10, cfg, square) == pytest.approx(0.25)
-    cosine = get_task_type("segmentation").options({"schedule": "cosine"})
+    cosine = schedule(schedule="cosine")
     assert lr_at(60, 110, 10, cfg, cosine) == pytest.approx(0.5) and lr_at(35, 110, 10, cfg, cosine) > 0.5
 
 

@@ -54,7 +54,8 @@ class TrainConfig:
     clip_grad: float | None = option(None, "clip the gradient norm to this value (None: no clipping)")
     seed: int = option(0, "seed of initialisation, data order, dropout")
     amp: str = option(
-        "auto", "mixed precision on CUDA: auto (bf16 if supported, else fp16), bf16, fp16, off",
+        "auto", "mixed precision: auto (CUDA: bf16 if supported, else fp16; CPU: none), bf16 (CUDA or CPU), "
+        "fp16 (CUDA), off",
         choices=("auto", "bf16", "fp16", "off"),
     )  # fmt: skip
     compile: bool = option(False, "torch.compile the model (CUDA)")
@@ -404,8 +405,11 @@ class Trainer:
         self._tb = None
 
     def _amp_dtype(self) -> torch.dtype | None:
-        if self.device.type != "cuda" or self.cfg.amp == "off":
+        """CUDA: bf16 where supported (auto), else fp16; CPU: bf16 when asked for (``amp: bf16``), else none."""
+        if self.cfg.amp == "off":
             return None
+        if self.device.type != "cuda":
+            return torch.bfloat16 if self.cfg.amp == "bf16" and self.device.type == "cpu" else None
         if self.cfg.amp == "fp16" or (self.cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
             return torch.float16
         return torch.bfloat16
