@@ -129,6 +129,7 @@ def test_a_new_task_type_runs_through_the_one_run(brightness, tmp_path) -> None:
     # the saved task model reloads onto a fresh backbone and scores the same
     import timm
 
+    torch.manual_seed(0)  # the run's seed: its --no-pretrained backbone's random weights
     fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS)
     model = load_task_model(fresh, tmp_path / "run")
     task = brightness.load_task("toy:16")

@@ -118,6 +118,9 @@ class TaskType:
     #: whether the backbone's own classifier is the head (created with the task's classes); otherwise the
     #: backbone is created without one and :meth:`build` adds the head
     head_in_backbone: ClassVar[bool] = False
+    #: whether some trainable parameters may get no gradient in a step (a detector's unused pyramid level):
+    #: DistributedDataParallel then looks for them every step
+    find_unused_parameters: ClassVar[bool] = False
     #: whether a method's data stage (GPS, SPT, SCT, NOAH's search) can read this task's (input, label) pairs
     data_stages: ClassVar[bool] = False
     #: whether a training split held as (input, label) tensors may be replaced by frozen-prefix features

@@ -56,6 +56,7 @@ class Detection(TaskType):
 
     name = "detection"
     hub_tag = "object-detection"
+    find_unused_parameters = True  # FCOS and RetinaNet read P3-P7: a pyramid level may go unused
     primary_metric = "box_AP"
     #: mask_* are reported by the maskrcnn detector only
     metric_names = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")

@@ -467,7 +467,7 @@ def _train_and_record(
         "metric_names": [m for m in task_type.metric_names if m in metrics],
         **metrics,
         "score": score,
-        "ppt": ppt(score / 100.0, base["trainable_params"]),
+        "ppt": ppt(score / 100.0, base["trainable_params"]) if 0 <= score <= 100 else None,  # a percentage only
         **task_type.record_fields(task, options),
         "train_seconds": trainer.train_seconds,
         "compile_seconds": trainer.compile_seconds,

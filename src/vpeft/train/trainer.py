@@ -393,7 +393,9 @@ class Trainer:
         self.train_forward: nn.Module | Callable[[Any], Any] = self.model
         if self.dist.world > 1:  # DDP buckets hold only parameters that require grad: the trainable ones
             self.train_forward = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.task_type.find_unused_parameters,
             )
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         if cfg.compile:
