@@ -20,14 +20,12 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import vpeft
-from conftest import make_backbone
 from vpeft.multi import MultiAdapterModel
 from vpeft.multi.run import MixedBatches, MixedTasks
 from vpeft.tasks import get_task_type
 from vpeft.train.trainer import TrainConfig, Trainer, TrainingDivergedError, trainable
 
-IMG = 28
-
+from conftest import make_backbone
 
 @dataclass
 class Case:
@@ -41,10 +39,6 @@ class Case:
     ddp_exact: bool = True
 
 
-def _vit(num_classes: int, seed: int) -> nn.Module:
-    return make_backbone("vit", seed)  # 32 px, patch 8: the dense rows read a 4 x 4 token grid
-
-
 def _images(n: int, classes: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % classes)
@@ -53,7 +47,7 @@ def _images(n: int, classes: int, seed: int) -> TensorDataset:
 def _no_batchnorm(model: nn.Module) -> nn.Module:
     """BatchNorm layers replaced by Identity: per-rank batch statistics differ from the global batch's on the CPU
     (SyncBatchNorm needs CUDA), which is a property of BatchNorm, not of the trainer under test."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 setattr(module, child_name, nn.Identity())
