@@ -27,6 +27,7 @@ from vpeft.train.trainer import TrainConfig, Trainer, TrainingDivergedError, tra
 
 from conftest import make_backbone
 
+
 @dataclass
 class Case:
     """A task kind: how to build its model (seeded), its training set and its task type."""
