@@ -14,10 +14,12 @@ How a multi-task run is recorded (so the leaderboard and the record/identity des
   (method, task set, seed), so ``vpeft report`` of a bench folder takes them in beside the sweep's
   single-task runs and shows delta-m (an earlier run of another spec is left out, as a sweep's are).
 
-Training: every step draws ``batch_size // tasks`` samples of each task (tasks with fewer batches start
-over), concatenates them into one mixed batch and minimises :func:`vpeft.multi.multitask_loss` (the sum
-of the tasks' mean losses) with AdamW and the recipe's warm-up + cosine schedule; an epoch is the
-longest task's pass. Then each task is scored on its evaluation split (final epoch; never test for
+Training: the one :class:`vpeft.train.trainer.Trainer` over a :class:`MixedBatches` source: every step
+draws ``batch_size // tasks`` samples of each task (a seeded order per task and epoch; a task with fewer
+samples starts over with a new order), concatenates them into one mixed batch and minimises
+:func:`vpeft.multi.multitask_loss` (the sum of the tasks' mean losses) with the recipe (AdamW, no decay on
+biases, norms and prompts, warm-up + cosine, the divergence check, AMP and DDP as for any run); an epoch is
+the longest task's pass. Then each task is scored on its evaluation split (final epoch; never test for
 any choice).
 """
 

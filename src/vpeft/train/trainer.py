@@ -278,7 +278,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
 def checkpoint_state(trainer: Any, epoch: int) -> dict[str, Any]:
     """What resuming a trainer needs after ``epoch``: trainable tensors, optimizer, RNG, history, counters.
 
-    ``trainer`` is a :class:`Trainer` or any trainer with the same attributes (the dense task trainer)."""
+    The model's saved buffers come too: BatchNorm statistics of heads, pyramids and methods move in training."""
     return {
         "epoch": epoch,
         "trainable": {n: p.detach().cpu() for n, p in trainer.params.items()},
@@ -288,6 +288,7 @@ def checkpoint_state(trainer: Any, epoch: int) -> dict[str, Any]:
         "history": [asdict(h) for h in trainer.history],
         "train_seconds": trainer.train_seconds,
         "images_seen": trainer.images_seen,
+        "buffers": _persistent_buffers(trainer.model),
     }
 
 
@@ -456,9 +457,7 @@ class Trainer:
     def _save_checkpoint(self, epoch: int) -> None:
         if self.out_dir is None or not self.dist.is_main:
             return
-        state = checkpoint_state(self, epoch)
-        state["buffers"] = _persistent_buffers(self.model)  # norm statistics of heads, pyramids, methods
-        write_checkpoint(self.out_dir, state)
+        write_checkpoint(self.out_dir, checkpoint_state(self, epoch))
 
     def _load_checkpoint(self) -> int:
         state = read_checkpoint(self.out_dir, self.params)
