@@ -14,6 +14,7 @@ import ast
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -225,7 +226,7 @@ def _cycles(edges: dict[tuple[str, str], list[Import]]) -> list[list[str]]:
                 path.append(node)
                 node = previous[node]
             cycle = [*reversed(path), start]
-            if not any(set(zip(cycle, cycle[1:], strict=False)) == set(zip(c, c[1:], strict=False)) for c in cycles):
+            if not any(set(pairwise(cycle)) == set(pairwise(c)) for c in cycles):
                 cycles.append(cycle)
     return cycles
 
@@ -235,7 +236,7 @@ def _cycle_report(edges: dict[tuple[str, str], list[Import]]) -> list[tuple[str,
     for cycle in _cycles(edges):
         lines = [" -> ".join(cycle)]
         files: set[str] = set()
-        for a, b in zip(cycle, cycle[1:], strict=False):
+        for a, b in pairwise(cycle):
             files |= {i.file for i in edges[(a, b)]}
             lines.append(f"    {a} -> {b}: " + ", ".join(_where(i.file, i.line) for i in edges[(a, b)]))
         out.append((",".join(sorted(files)), "\n".join(lines)))

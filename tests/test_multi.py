@@ -9,12 +9,12 @@ import torch
 
 import vpeft
 from vpeft.errors import ConfigError, VPeftError
-from vpeft.multi import BASE, NOT_SHAREABLE, MultiAdapterModel
+from vpeft.multi import BASE, MultiAdapterModel
 
 from conftest import IMG, make_backbone, make_input
 
 METHODS = [m["name"] for m in vpeft.list_methods()]
-SHAREABLE = [m for m in METHODS if m not in NOT_SHAREABLE]
+SHAREABLE = [m for m in METHODS if vpeft.get_method(m).shareable]
 #: methods whose default config reads the training split first (E2VPT's pruning is off by default)
 STAGED = {m for m in METHODS if vpeft.get_method(m).stage and not vpeft.get_method(m).prepared(vpeft.make_config(m))}
 #: (method, backbone) pairs beyond the ViT column: one per family where the method applies

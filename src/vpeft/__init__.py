@@ -1,7 +1,5 @@
 """vpeft: parameter-efficient fine-tuning for pre-trained timm vision backbones."""
 
-__version__ = "0.1.0"
-
 from vpeft.anatomy import Anatomy, describe
 from vpeft.api import (
     apply,
@@ -28,6 +26,7 @@ from vpeft.errors import (
 from vpeft.interop import export_to_peft, import_from_peft
 from vpeft.methods import Method, MethodConfig, get_method, register
 from vpeft.multi import MultiAdapterModel
+from vpeft.version import __version__ as __version__
 
 __all__ = [
     "AdapterMismatchError",

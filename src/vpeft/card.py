@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from vpeft.files import write_text_atomic
+
 CARD = "README.md"
 
 
@@ -72,7 +74,7 @@ def model_card(record: dict[str, Any]) -> str:
 
 def write_model_card(folder: str | Path, record: dict[str, Any]) -> Path:
     path = Path(folder) / CARD
-    path.write_text(model_card(record))
+    write_text_atomic(path, model_card(record))
     return path
 
 

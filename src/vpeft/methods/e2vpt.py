@@ -45,6 +45,7 @@ from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, Stage, StageData, register, replace_module
 from vpeft.methods.prefix import PrefixAttention
+from vpeft.methods.state import apply, trainable_parameters
 from vpeft.methods.vpt import PromptedBlock
 
 ROOT = "vpeft_e2vpt"
@@ -192,8 +193,6 @@ class E2VPT(Method):
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: E2VPTConfig, data: StageData) -> E2VPTConfig:
         """Train E2VPT unpruned on a copy, score the visual prompts' tokens and segments, keep the most important."""
-        from vpeft.api import apply, trainable_parameters
-
         if anatomy.embed_dim % config.segments:
             raise ConfigError(f"e2vpt: segments={config.segments} does not divide the width {anatomy.embed_dim}")
         unpruned = replace(config, prune_tokens=0.0, prune_segments=0.0, selection=None)

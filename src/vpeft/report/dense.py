@@ -13,7 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vpeft.report.leaderboard import MEMORY_KINDS, method_families
+from vpeft.files import write_text_atomic
+from vpeft.report.board import MEMORY_KINDS, method_families
 
 #: V-PETL Bench README, ADE20K mIoU (UperNet, Swin-L, 160k iterations); vpeft method names
 PUBLISHED_ADE20K = {"full": 52.10, "linear": 46.84, "bitfit": 48.37, "ln_tune": 47.98, "partial_k": 47.44,
@@ -126,6 +127,6 @@ def dense_csv(records: list[dict[str, Any]]) -> str:
 
 def write_dense_report(out: Path, records: list[dict[str, Any]], suite: str, model: str, stem: str) -> dict[str, Path]:
     paths = {"markdown": out / f"{stem}.md", "csv": out / f"{stem}.csv"}
-    paths["markdown"].write_text(dense_markdown(records, suite, model))
-    paths["csv"].write_text(dense_csv(records))
+    write_text_atomic(paths["markdown"], dense_markdown(records, suite, model))
+    write_text_atomic(paths["csv"], dense_csv(records))
     return paths
