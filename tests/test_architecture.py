@@ -40,20 +40,21 @@ METHOD_MODULES_ALLOWED = {"interop": {"vpeft.methods.lora", "vpeft.methods.dora"
 #: files owned by the branches being rewritten (trainer, task types, backbones): a rule's violations in them
 #: are expected failures until those branches merge
 PENDING = {
-    "cycles": {"vpeft/multi/run.py", "vpeft/train/identity.py", "vpeft/train/run.py", "vpeft/train/feature_cache.py",
-               "vpeft/bench/suites.py", "vpeft/backbones.py", "vpeft/assets/mini.py", "vpeft/assets/efficientnet.py",
-               "vpeft/assets/mini_dense.py", "vpeft/data/datasets.py", "vpeft/data/segmentation.py",
-               "vpeft/tasks/base.py", "vpeft/tasks/classification.py", "vpeft/tasks/detection.py"},
-    "private_names": {"vpeft/tasks/base.py", "vpeft/multi/run.py", "vpeft/assets/mini_dense.py"},
+    "cycles": {"vpeft/assets/efficientnet.py", "vpeft/assets/mini.py", "vpeft/assets/mini_dense.py",
+               "vpeft/backbones.py", "vpeft/data/datasets.py", "vpeft/data/segmentation.py"},
+    "module_cycles": {"vpeft/tasks/base.py", "vpeft/tasks/classification.py", "vpeft/tasks/detection.py",
+                      "vpeft/tasks/segmentation.py", "vpeft/train/identity.py", "vpeft/train/run.py",
+                      "vpeft/train/task_run.py"},
+    "private_names": {"vpeft/multi/run.py", "vpeft/tasks/base.py"},
     "method_modules": {"vpeft/train/feature_cache.py"},
     "package_imports": {"vpeft/multi/run.py", "vpeft/train/feature_cache.py", "vpeft/train/identity.py",
                         "vpeft/train/run.py", "vpeft/train/task_run.py"},
-    "deferred_imports": {"vpeft/backbones.py", "vpeft/bench/suites.py", "vpeft/bench/sweep.py",
-                         "vpeft/data/datasets.py", "vpeft/data/segmentation.py", "vpeft/assets/mini_dense.py",
+    "deferred_imports": {"vpeft/assets/mini_dense.py", "vpeft/backbones.py", "vpeft/bench/suites.py",
+                         "vpeft/bench/sweep.py", "vpeft/data/datasets.py", "vpeft/data/segmentation.py",
                          "vpeft/multi/run.py", "vpeft/tasks/base.py", "vpeft/tasks/classification.py",
                          "vpeft/tasks/detection.py", "vpeft/tasks/segmentation.py", "vpeft/train/feature_cache.py",
                          "vpeft/train/identity.py", "vpeft/train/run.py", "vpeft/train/task_run.py",
-                         "vpeft/train/trainer.py", "vpeft/dense/detection.py"},
+                         "vpeft/train/trainer.py"},
 }  # fmt: skip
 
 
@@ -336,7 +337,7 @@ def test_rule_everywhere(rule: str) -> None:
 @pytest.mark.parametrize("rule", sorted(PENDING))
 def test_pending_lists_only_offenders(rule: str) -> None:
     """A file leaves PENDING once it is fixed, so the list shows what is left to do."""
-    if rule == "cycles":
+    if rule in ("cycles", "module_cycles"):
         return  # a cycle is a property of several files together
     offenders = {file for file, _ in RULES[rule](set())}
     assert not PENDING[rule] - offenders, f"no longer violate '{rule}': {sorted(PENDING[rule] - offenders)}"

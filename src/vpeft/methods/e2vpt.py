@@ -45,6 +45,7 @@ from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, Stage, StageData, register, replace_module
 from vpeft.methods.prefix import PrefixAttention
+from vpeft.methods.prompts import prompt_init_bound
 from vpeft.methods.state import apply, trainable_parameters
 from vpeft.methods.vpt import PromptedBlock
 
@@ -272,7 +273,7 @@ class E2VPT(Method):
                     "(vpeft.apply) or load an adapter"
                 )
             pruned = self._checked_selection(config, anatomy.embed_dim)
-        bound = math.sqrt(6.0 / float(3 * math.prod(anatomy.patch_size or (16, 16)) + anatomy.embed_dim))
+        bound = prompt_init_bound(anatomy)
         for i, block in enumerate(anatomy.blocks):
             kwargs = dict(
                 offset=anatomy.num_prefix_tokens,

@@ -45,6 +45,7 @@ from vpeft.methods.base import (
     replace_module,
 )
 from vpeft.methods.evolution import evolve, sample, sampling_hook, subnet_set, top1
+from vpeft.methods.prompts import prompt_init_bound
 from vpeft.methods.state import get_state
 
 MODULES = ("adapter", "lora", "prompt")
@@ -213,8 +214,7 @@ class NOAH(Method):
             config.architecture = json.dumps(architecture)  # saved inline with the adapter
         else:
             architecture = [config.maxima()] * anatomy.depth
-        patch_area = math.prod(anatomy.patch_size or (16, 16))
-        bound = math.sqrt(6.0 / float(3 * patch_area + anatomy.embed_dim))
+        bound = prompt_init_bound(anatomy)
         for block, sizes in zip(anatomy.blocks, architecture, strict=True):
             wrapper = NOAHBlock(model.get_submodule(block.name), sizes, anatomy.num_prefix_tokens, bound)
             replace_module(model, block.name, wrapper)

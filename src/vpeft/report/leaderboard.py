@@ -271,6 +271,19 @@ def published_markdown(board: Leaderboard) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the task type whose runs make the accuracy leaderboard (group means, PPT, Pareto plot); a record without a
+#: ``task_type`` (written before task types existed) is one of its runs
+CLASSIFICATION = "classification"
+
+
+def runs_by_task_type(runs: list[tuple[Path, dict[str, Any]]]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """The runs grouped by their record's ``task_type`` (classification when absent), in order of appearance."""
+    grouped: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for path, record in runs:
+        grouped.setdefault(str(record.get("task_type") or CLASSIFICATION), []).append((path, record))
+    return grouped
+
+
 class MissingDependencyError(VPeftError, ImportError):
     """An optional dependency (matplotlib for the plots) is not installed."""
 
@@ -305,15 +318,15 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     if not records:
         raise FileNotFoundError(f"no finished runs under '{out}/runs'; run `vpeft bench --out {out}` first")
     suite = manifest.get("suite", "")
-    dense = [r for r in records if r.get("task_type", "classification") != "classification"]
-    if dense:  # segmentation / detection: their own tables (no top-1, no Pareto plot of accuracy)
-        only_dense = len(dense) == len(records)
-        dense_paths = write_dense_report(out, dense, suite, manifest.get("model", ""),
-                                         "leaderboard" if only_dense else "leaderboard-dense")  # fmt: skip
-        if only_dense:
+    by_type = runs_by_task_type(runs)
+    runs = by_type.pop(CLASSIFICATION, [])
+    records = [r for _, r in runs]
+    if by_type:  # every other task type: its own tables, its metrics as columns (no top-1, no Pareto plot)
+        others = [r for typed in by_type.values() for _, r in typed]
+        dense_paths = write_dense_report(out, others, suite, manifest.get("model", ""),
+                                         "leaderboard" if not runs else "leaderboard-dense")  # fmt: skip
+        if not runs:
             return dense_paths
-        runs = [(p, r) for p, r in runs if r.get("task_type", "classification") == "classification"]
-        records = [r for _, r in runs]
     if groups is None and suite:
         groups = _suite_groups(suite, records)
     board = build_leaderboard(records, groups, suite=suite, model=manifest.get("model", ""),
