@@ -121,3 +121,38 @@ def test_vpeft_tasks_lists_the_mini_dense_suite(capsys) -> None:
     assert main(["tasks", "mini-dense"]) == 0
     out = capsys.readouterr().out
     assert "mini-seg" in out and "| 6 " in out and "mini-dense:segmentation" in out
+
+
+def _write_runs(tmp_path, records: list[dict]) -> None:
+    for r in records:
+        folder = tmp_path / "runs" / r["method"] / r["task"] / f"seed{r['seed']}-{r['run_key']}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(r))
+
+
+def test_report_takes_metric_columns_from_the_task_type_registry(tmp_path) -> None:
+    """result.json stores its metrics with sorted keys: the columns follow the task type's metric_names."""
+    record = _record("lora", 40.0)
+    record["metrics"] = dict(sorted(record["metrics"].items()))
+    _write_runs(tmp_path, [record])
+    text = write_report(tmp_path)["markdown"].read_text()
+    assert "| method | mIoU | pixel_acc | mean_acc | trainable (M)" in text
+
+
+def test_a_task_type_the_report_does_not_know_gets_its_own_table(tmp_path) -> None:
+    """A new task type's runs are tabled with their own metrics beside classification's leaderboard."""
+    depth = {**_record("lora", 0.0, task="nyu"), "task_type": "depth", "primary_metric": "delta1", "delta1": 80.0,
+             "metrics": {"delta1": 80.0, "abs_rel": 0.2}, "run_key": "kdepth"}  # fmt: skip
+    depth.pop("mIoU")
+    classification = {"status": "ok", "method": "lora", "task": "cifar", "seed": 0, "mode": "final", "top1": 70.0,
+                      "trainable_params": 1000, "train_seconds": 1.0, "model": "vpeft/vit-mini",
+                      "run_key": "kcls"}  # fmt: skip
+    _write_runs(tmp_path, [depth, classification])
+    try:
+        write_report(tmp_path, curves=False)
+    except ImportError:  # no matplotlib (MissingDependencyError): the tables are written before the plots
+        pass
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "cifar" in board and "nyu" not in board
+    other = (tmp_path / "leaderboard-dense.md").read_text()
+    assert "## nyu (depth)" in other and "| method | delta1 | abs_rel |" in other

@@ -9,12 +9,12 @@ import torch
 
 import vpeft
 from vpeft.errors import ConfigError, VPeftError
-from vpeft.multi import BASE, NOT_SHAREABLE, MultiAdapterModel
+from vpeft.multi import BASE, MultiAdapterModel
 
 from conftest import IMG, make_backbone, make_input
 
 METHODS = [m["name"] for m in vpeft.list_methods()]
-SHAREABLE = [m for m in METHODS if m not in NOT_SHAREABLE]
+SHAREABLE = [m for m in METHODS if vpeft.get_method(m).shareable]
 #: methods whose default config reads the training split first (E2VPT's pruning is off by default)
 STAGED = {m for m in METHODS if vpeft.get_method(m).stage and not vpeft.get_method(m).prepared(vpeft.make_config(m))}
 #: (method, backbone) pairs beyond the ViT column: one per family where the method applies
@@ -184,3 +184,19 @@ def test_mixed_output_stack_and_per_sample() -> None:
     add(mm, "b", "ssf", num_classes=2)
     with pytest.raises(VPeftError, match="different class counts"):
         mm(x, adapter_names=["b", "a", "a", "b"]).stack()
+
+
+def test_a_method_says_whether_its_adapters_can_share_a_backbone() -> None:
+    """multi asks the method (``Method.shareable``), not a list of names; a routable update is a layer capability."""
+    from vpeft.methods.base import routes_update
+    from vpeft.methods.dora import DoRALinear
+    from vpeft.methods.lora import LoRALinear
+    from vpeft.multi import check_shareable
+
+    assert not vpeft.get_method("full").shareable and vpeft.get_method("lora").shareable
+    with pytest.raises(ConfigError, match="cannot share a backbone: full fine-tuning"):
+        check_shareable("full")
+    check_shareable("lora")
+    layer = torch.nn.Linear(4, 4)
+    assert routes_update(LoRALinear(layer, [(0, 4)], 2, 1.0, 0.0))
+    assert not routes_update(DoRALinear(torch.nn.Linear(4, 4), [(0, 4)], 2, 1.0, 0.0))

@@ -27,7 +27,7 @@ from vpeft.errors import (
 from vpeft.interop import export_to_peft, import_from_peft
 from vpeft.methods import Method, MethodConfig, get_method, register
 from vpeft.multi import MultiAdapterModel
-from vpeft.version import __version__
+from vpeft.version import __version__ as __version__
 
 __all__ = [
     "AdapterMismatchError",

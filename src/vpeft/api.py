@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,110 +12,39 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vpeft import methods  # noqa: F401  (registers every method)
-from vpeft.anatomy import Anatomy, backbone_identity, describe
-from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
-from vpeft.methods.base import (
-    BaseLayerWrapper,
-    MethodConfig,
-    StageData,
-    get_method,
-    registered_methods,
-    replace_module,
-)
+import vpeft.methods  # noqa: F401  (registers every method)
+from vpeft.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, legacy_defaults, read_folder_config
+from vpeft.anatomy import backbone_identity, describe
+from vpeft.errors import AdapterMismatchError, VPeftError
+from vpeft.files import atomic_write
+from vpeft.hub import resolve_adapter
+from vpeft.methods.base import BaseLayerWrapper, get_method, registered_methods, replace_module
+from vpeft.methods.state import PeftState, apply, get_state, make_config, require_state, trainable_parameters
+from vpeft.version import __version__
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-FORMAT_VERSION = 1
-_STATE_ATTR = "_vpeft_state"
 _MERGED_ATTR = "_vpeft_merged_wrapper"
+#: the old private name of :func:`vpeft.files.atomic_write`, kept until tasks/base.py imports that
+_atomic_write = atomic_write
 
-
-@dataclass
-class PeftState:
-    """What vpeft records on a model it changed (a plain attribute, not part of the state_dict)."""
-
-    method: str
-    config: MethodConfig
-    anatomy: Anatomy
-    identity: dict[str, Any]
-    merged: bool = False
-    merged_names: list[str] = field(default_factory=list)
-
-
-def get_state(model: nn.Module) -> PeftState | None:
-    """The vpeft state of a model, or None if no method was applied."""
-    return getattr(model, _STATE_ATTR, None)
-
-
-def _require_state(model: nn.Module, action: str) -> PeftState:
-    state = get_state(model)
-    if state is None:
-        raise VPeftError(
-            f"cannot {action}: no vpeft method was applied to this model; call vpeft.apply(model, ...) first"
-        )
-    return state
-
-
-def make_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
-    """Turn a method name plus options, or a config object, into a validated config."""
-    if isinstance(method, MethodConfig):
-        if options:
-            raise ConfigError("pass options either inside the config object or as keywords, not both")
-        return method
-    return get_method(method).config_class.from_options(**options)
-
-
-def apply(model: nn.Module, method: str | MethodConfig, *, data: Any = None, **options: Any) -> nn.Module:
-    """Freeze the backbone, inject the method, keep the classifier head trainable. Returns ``model``.
-
-    ``method`` is a registered name (see :func:`list_methods`) with its options as keywords, or
-    a method's config object. The model is changed in place.
-
-    A method with a data stage (GPS, SPT, SCT) first reads ``data``, the training split: a Dataset
-    of (model input, label) pairs, a DataLoader or a :class:`~vpeft.methods.base.StageData`. What
-    it decides is kept in the config (``get_state(model).config``) and saved with the adapter, so
-    :func:`load_adapter` needs no data.
-    """
-    if get_state(model) is not None:
-        raise VPeftError(
-            f"this model already has vpeft method '{get_state(model).method}' applied; "
-            "create a fresh model to apply another"
-        )
-    config = make_config(method, **options)
-    impl = get_method(config.method)
-    anatomy = describe(model)
-    impl.check_backbone(anatomy)
-    identity = backbone_identity(model, anatomy)
-    if impl.stage is not None and not impl.prepared(config):
-        if data is None:
-            raise ConfigError(
-                f"method '{impl.name}' chooses what to train from the training data ({impl.stage.description}): "
-                "pass data=<training Dataset of (input, label) pairs> to vpeft.apply, or a saved selection"
-            )
-        config = impl.prepare(model, anatomy, config, StageData.wrap(data, model))
-    elif data is not None:
-        what = "its config already holds the stage's decision" if impl.stage else "it reads no data"
-        raise ConfigError(f"method '{impl.name}' was given data, but {what}; drop data=")
-    for param in model.parameters():
-        param.requires_grad_(False)
-    impl.inject(model, anatomy, config)
-    for name, param in model.named_parameters():
-        if anatomy.is_head_param(name):
-            param.requires_grad_(True)
-    object.__setattr__(model, _STATE_ATTR, PeftState(config.method, config, anatomy, identity))
-    return model
-
-
-def trainable_parameters(model: nn.Module, include_head: bool = True) -> dict[str, nn.Parameter]:
-    """The parameters that train, by name; without the classifier head(s) if ``include_head`` is False."""
-    state = get_state(model)
-    anatomy = state.anatomy if state else describe(model)
-    return {
-        name: p
-        for name, p in model.named_parameters()
-        if p.requires_grad and (include_head or not anatomy.is_head_param(name))
-    }
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "FORMAT_VERSION",
+    "PeftState",
+    "apply",
+    "count_parameters",
+    "count_trainable",
+    "get_state",
+    "legacy_defaults",
+    "list_methods",
+    "load_adapter",
+    "make_config",
+    "merge",
+    "read_adapter_config",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]
 
 
 def count_trainable(model: nn.Module, include_head: bool = True) -> int:
@@ -139,19 +66,13 @@ def _json_config(state: PeftState) -> dict[str, Any]:
         "method": state.method,
         "options": state.config.to_dict(),
         "backbone": state.identity,
-        "vpeft_version": _version(),
+        "vpeft_version": __version__,
     }
-
-
-def _version() -> str:
-    from vpeft import __version__
-
-    return __version__
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter.safetensors`` (the method's and head's weights) and ``adapter_config.json``."""
-    state = _require_state(model, "save an adapter")
+    state = require_state(model, "save an adapter")
     if state.merged:
         raise VPeftError("the model is merged; call vpeft.unmerge(model) before saving its adapter")
     out = Path(directory)
@@ -160,72 +81,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors.update(
         {name: b.detach().contiguous().cpu() for name, b in get_method(state.method).saved_buffers(model).items()}
     )
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"method": state.method}))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"method": state.method}))
     text = json.dumps(_json_config(state), indent=2, sort_keys=True)
-    _atomic_write(out / ADAPTER_CONFIG, lambda path: Path(path).write_text(text + "\n"))
+    atomic_write(out / ADAPTER_CONFIG, lambda path: Path(path).write_text(text + "\n"))
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a saved adapter, with a clear error if the folder is not one.
 
     ``directory`` may be ``hf-hub:<repo id>[@revision]``: the adapter is fetched through huggingface_hub."""
-    from vpeft.hub import resolve_adapter
-
-    folder = directory = resolve_adapter(directory)
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        if (folder / "peft" / ADAPTER_CONFIG).is_file():
-            raise AdapterMismatchError(
-                f"'{directory}' holds no vpeft adapter, only a peft export in its peft/ subfolder; load that with "
-                f"vpeft.import_from_peft(model, '{folder / 'peft'}'), or pass the folder vpeft.save_adapter wrote"
-            )
-        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in '{directory}'; pass the folder written by vpeft.save_adapter")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterMismatchError(f"{path} is not valid JSON ({exc}); the adapter folder is damaged") from exc
-    if isinstance(config, dict) and "peft_type" in config:
-        raise AdapterMismatchError(
-            f"'{directory}' holds a Hugging Face peft adapter ({config.get('peft_type')}), not a vpeft one; "
-            f"import it with vpeft.import_from_peft(model, '{directory}') (LoRA and DoRA)"
-        )
-    missing = [k for k in ("method", "options", "backbone") if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise AdapterMismatchError(
-            f"{path} is not a vpeft adapter config (no {', '.join(missing)}); pass a folder written by "
-            "vpeft.save_adapter (a peft folder imports with vpeft.import_from_peft)"
-        )
-    return config
-
-
-#: options whose default changed to follow the official code: an adapter saved without the option was
-#: trained with the old value, which it keeps (method -> option -> value before the change)
-_PRE_OFFICIAL_DEFAULTS = {"fact_tk": {"layout": "paper"}, "prefix": {"reparameterization": "per_layer"}}
-
-
-def _legacy_defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """A saved config that predates an option gets the value it was trained with, not today's default."""
-    return {**_PRE_OFFICIAL_DEFAULTS.get(method, {}), **options}
+    return read_folder_config(resolve_adapter(directory))
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Apply the saved method to ``model`` (a fresh timm model of the same backbone) and load its weights.
 
     ``directory`` is a folder written by :func:`save_adapter`, or ``hf-hub:<repo id>[@revision]`` (``vpeft push``)."""
-    from vpeft.hub import resolve_adapter
-
     directory = resolve_adapter(directory)
     saved = read_adapter_config(directory)
     expected = saved["backbone"]
@@ -257,7 +129,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             stacklevel=2,
         )
     if state is None:
-        apply(model, saved["method"], **_legacy_defaults(saved["method"], saved["options"]))
+        apply(model, saved["method"], **legacy_defaults(saved["method"], saved["options"]))
     weights_path = Path(directory) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))
@@ -303,7 +175,7 @@ def merge(model: nn.Module) -> nn.Module:
     Afterwards the model's state_dict has exactly the backbone's keys (plus any bias a bias-free
     layer needed), so it loads into a plain timm model. :func:`unmerge` reverses it.
     """
-    state = _require_state(model, "merge")
+    state = require_state(model, "merge")
     if state.merged:
         return model
     impl = get_method(state.method)
@@ -322,7 +194,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`: subtract the update from the backbone's weights and restore the wrappers."""
-    state = _require_state(model, "unmerge")
+    state = require_state(model, "unmerge")
     if not state.merged:
         return model
     get_method(state.method).before_unmerge(model)

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from vpeft.files import write_text_atomic
+
 CARD = "README.md"
 
 
@@ -75,7 +77,7 @@ def model_card(record: dict[str, Any], tag: str = "image-classification") -> str
 
 def write_model_card(folder: str | Path, record: dict[str, Any], tag: str = "image-classification") -> Path:
     path = Path(folder) / CARD
-    path.write_text(model_card(record, tag))
+    write_text_atomic(path, model_card(record, tag))
     return path
 
 

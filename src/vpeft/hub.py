@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vpeft.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_folder_config
 from vpeft.errors import ConfigError, VPeftError
 
 #: the prefix that names an adapter (or backbone) on the Hub
 HUB_PREFIX = "hf-hub:"
 #: what an adapter repository holds: the adapter, its card, and the run's record and config when present
-REQUIRED = ("adapter.safetensors", "adapter_config.json", "README.md")
+REQUIRED = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "README.md")
 OPTIONAL = ("result.json", "config.yaml", "peft/adapter_model.safetensors", "peft/adapter_config.json")
 
 
@@ -39,12 +40,10 @@ def _offline() -> bool:
 
 def upload_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
     """(path in the repository, bytes) of every file ``vpeft push`` uploads from ``folder``; refuses an incomplete one."""
-    from vpeft.api import read_adapter_config
-
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"'{folder}' is not a folder; pass the folder vpeft.save_adapter or vpeft train wrote")
-    read_adapter_config(root)  # a vpeft adapter (a clear error for a peft folder or another one)
+    read_folder_config(root)  # a vpeft adapter (a clear error for a peft folder or another one)
     missing = [name for name in REQUIRED if not (root / name).is_file()]
     if missing:
         hint = (

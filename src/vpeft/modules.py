@@ -7,11 +7,11 @@ import math
 import torch
 from torch import nn
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
 
 
 def activation(name: str) -> nn.Module:
-    return _ACTIVATIONS[name]()
+    return ACTIVATIONS[name]()
 
 
 class Bottleneck(nn.Module):

@@ -1,3 +1,3 @@
-"""The package version (one place; the package face and run records read it)."""
+"""The package's version, in a module of its own so that any module can read it without importing the package."""
 
 __version__ = "0.1.0"

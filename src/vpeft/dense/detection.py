@@ -34,6 +34,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from vpeft.data.transforms import input_config
 from vpeft.dense.encoder import DenseEncoder
 from vpeft.errors import ConfigError
 
@@ -64,16 +65,12 @@ class EncoderFPN(nn.Module):
 
 
 def _image_stats(encoder: DenseEncoder) -> tuple[list[float], list[float]]:
-    from vpeft.data.transforms import input_config
-
     cfg = input_config(encoder.backbone)
     return list(cfg.mean), list(cfg.std)
 
 
 def image_size_of(encoder: DenseEncoder) -> tuple[int, int]:
     """The (height, width) the backbone takes (its timm input size)."""
-    from vpeft.data.transforms import input_config
-
     return tuple(input_config(encoder.backbone).size)  # type: ignore[return-value]
 
 

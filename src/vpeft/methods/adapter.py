@@ -24,7 +24,8 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
-from vpeft.modules import _ACTIVATIONS, Bottleneck, first_param
+from vpeft.modules import ACTIVATIONS as LAYER_ACTIVATIONS
+from vpeft.modules import Bottleneck, first_param
 
 INITS = ("zero_up", "xavier", "trunc_normal")
 
@@ -36,7 +37,7 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = (*_ACTIVATIONS, "quick_gelu")
+ACTIVATIONS = (*LAYER_ACTIVATIONS, "quick_gelu")
 
 
 @dataclass
@@ -81,7 +82,7 @@ class SequentialAdapter(BaseLayerWrapper):
 
     def __init__(self, base_layer: nn.Module, dim: int, config: AdapterConfig):
         super().__init__(base_layer)
-        act = config.act if config.act in _ACTIVATIONS else "identity"
+        act = config.act if config.act in LAYER_ACTIVATIONS else "identity"
         self.adapter = Bottleneck(dim, config.bottleneck, act, config.dropout, like=first_param(base_layer))
         if config.act == "quick_gelu":
             self.adapter.act = QuickGELU()

@@ -18,21 +18,21 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
-from vpeft.modules import _ACTIVATIONS, Bottleneck, InputTap, Stash, first_param
+from vpeft.modules import ACTIVATIONS, Bottleneck, InputTap, Stash, first_param
 
 
 @dataclass
 class AdaptFormerConfig(MethodConfig):
     bottleneck: int = option(8, "hidden width of the parallel branch (8 in the V-PETL VTAB-1k setting)")
     scale: float = option(0.1, "scale s of the branch's output (the paper's 0.1)")
-    act: str = option("relu", "activation inside the bottleneck: " + ", ".join(_ACTIVATIONS))
+    act: str = option("relu", "activation inside the bottleneck: " + ", ".join(ACTIVATIONS))
     dropout: float = option(0.0, "dropout inside the bottleneck")
 
     def validate(self) -> None:
         if self.bottleneck < 1:
             raise ConfigError(f"adaptformer: bottleneck must be >= 1, got {self.bottleneck}")
-        if self.act not in _ACTIVATIONS:
-            raise ConfigError(f"adaptformer: act must be one of {list(_ACTIVATIONS)}, got '{self.act}'")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"adaptformer: act must be one of {list(ACTIVATIONS)}, got '{self.act}'")
 
 
 class ParallelAdapter(BaseLayerWrapper):

@@ -30,6 +30,7 @@ from torch import nn
 
 from vpeft.anatomy import Anatomy
 from vpeft.config import convert_options
+from vpeft.data.transforms import input_config
 from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError, VPeftError
 
 
@@ -84,6 +85,10 @@ class Method:
     config_class: ClassVar[type[MethodConfig]]
     #: a stage that reads the training split before injection (see :meth:`prepare`); None for most methods
     stage: ClassVar[Stage | None] = None
+    #: whether adapters of the method can share one frozen backbone (:class:`vpeft.multi.MultiAdapterModel`);
+    #: a method that cannot says why in :attr:`not_shareable_reason`
+    shareable: ClassVar[bool] = True
+    not_shareable_reason: ClassVar[str] = ""
 
     def prepared(self, config: MethodConfig) -> bool:
         """Whether ``config`` already holds what :attr:`stage` decides (a loaded adapter's config does)."""
@@ -282,8 +287,6 @@ def token_embedding(
 def random_stage_data(model: nn.Module, num_classes: int, n: int = 8, seed: int = 0) -> StageData:
     """Random inputs at the model's input size, labels 0, 1, ...: a stand-in training split for counting
     parameters without data (GPS's and SCT's counts do not depend on the data; SPT's does)."""
-    from vpeft.data import input_config
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, *input_config(model).size, generator=g)
     dataset = torch.utils.data.TensorDataset(x, torch.arange(n) % num_classes)
@@ -297,12 +300,17 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @dataclass
 class StageContext:
-    """What the runner hands a standalone stage: how to build the run's backbone and read the stage's split."""
+    """What the runner hands a standalone stage: how to build the run's backbone, read the stage's split and
+    load a saved adapter (the API's functions: a method never imports the API)."""
 
     #: a fresh backbone with this many classes, built (and seeded) as the run builds its model
     build_backbone: Callable[[int], nn.Module]
     #: the stage's split, transformed for that model (its input size, mean and std)
     data_for: Callable[[nn.Module], StageData]
+    #: the saved adapter's config for a folder or ``hf-hub:`` id (:func:`vpeft.read_adapter_config`)
+    read_adapter_config: Callable[[str], dict[str, Any]]
+    #: applies a saved adapter (folder or ``hf-hub:`` id) to a fresh backbone, returns it (:func:`vpeft.load_adapter`)
+    load_adapter: Callable[[nn.Module, str], nn.Module]
     seed: int = 0
 
 
@@ -413,6 +421,27 @@ class SlicedDeltaWrapper(BaseLayerWrapper):
     def unmerge_from_base(self) -> None:
         for i, (start, end) in enumerate(self.slices):
             self.base_layer.weight[start:end] -= self.delta_weight(i)
+
+
+class RoutableUpdate:
+    """Capability of a wrapper whose output is ``base_layer(x)`` plus an update it computes from ``x`` alone, added
+    row by row (LoRA, MTLoRA): on a mixed batch the frozen layer runs once and each adapter adds its update to its
+    own rows (peft's ``_mixed_batch_forward``; :mod:`vpeft.multi.single_pass`).
+
+    A class declares it by listing :class:`RoutableUpdate` among its own bases: a subclass that inherits it
+    (DoRA's wrapper, whose per-row magnitude rescales the frozen output too) is not routable unless it lists it
+    again. See :func:`routes_update`.
+    """
+
+    def add_update_span_(self, out: torch.Tensor, x: torch.Tensor, start: int, end: int) -> None:
+        """Add the update of input rows ``x[start:end]`` to the frozen layer's output rows ``out[start:end]``,
+        in place."""
+        raise NotImplementedError
+
+
+def routes_update(module: nn.Module) -> bool:
+    """Whether ``module``'s own class declares :class:`RoutableUpdate` (not merely inherits it)."""
+    return RoutableUpdate in type(module).__bases__
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -29,7 +29,9 @@ from torch.autograd.function import once_differentiable
 from vpeft.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, register, replace_module
-from vpeft.methods.lora import LoRAConfig, LoRALinear, _split_sizes, _stack, default_targets, resolve_targets
+from vpeft.methods.lora import LoRAConfig, LoRALinear
+from vpeft.methods.lowrank import split_sizes, stack_rows
+from vpeft.methods.targets import default_targets, resolve_targets
 from vpeft.modules import matmul_dtype
 
 
@@ -70,10 +72,10 @@ class _DoRAFunction(torch.autograd.Function):
         lora_a, lora_b, scales = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         ctx.dtypes = (x.dtype, weight.dtype, lora_a[0].dtype, lora_b[0].dtype, scales[0].dtype)
         ctx.scaling, ctx.ranks = scaling, [t.shape[0] for t in lora_a]
-        ctx.sizes, ctx.index = _split_sizes(slices, weight.shape[0])
+        ctx.sizes, ctx.index = split_sizes(slices, weight.shape[0])
         x = x.to(dtype)
         scaled_weight, column = _scale_rows(weight, slices, scales, dtype)
-        a = _stack(lora_a, dtype)
+        a = stack_rows(lora_a, dtype)
         a = a * scaling if scaling != 1.0 else a  # the scaling multiplies a small weight, not activations
         scaled_b = [(b * c.to(b.dtype)[:, None]).to(dtype) for b, c in zip(lora_b, scales, strict=True)]
         out = torch.addmm(bias.to(dtype), x, scaled_weight.t()) if bias is not None else torch.mm(x, scaled_weight.t())

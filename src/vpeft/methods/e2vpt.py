@@ -45,6 +45,8 @@ from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, Stage, StageData, register, replace_module
 from vpeft.methods.prefix import PrefixAttention
+from vpeft.methods.prompts import prompt_init_bound
+from vpeft.methods.state import apply
 from vpeft.methods.vpt import PromptedBlock
 
 ROOT = "vpeft_e2vpt"
@@ -192,8 +194,6 @@ class E2VPT(Method):
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: E2VPTConfig, data: StageData) -> E2VPTConfig:
         """Train E2VPT unpruned on a copy, score the visual prompts' tokens and segments, keep the most important."""
-        from vpeft.api import apply
-
         if anatomy.embed_dim % config.segments:
             raise ConfigError(f"e2vpt: segments={config.segments} does not divide the width {anatomy.embed_dim}")
         unpruned = replace(config, prune_tokens=0.0, prune_segments=0.0, selection=None)
@@ -269,7 +269,7 @@ class E2VPT(Method):
                     "(vpeft.apply) or load an adapter"
                 )
             pruned = self._checked_selection(config, anatomy.embed_dim)
-        bound = math.sqrt(6.0 / float(3 * math.prod(anatomy.patch_size or (16, 16)) + anatomy.embed_dim))
+        bound = prompt_init_bound(anatomy)
         for i, block in enumerate(anatomy.blocks):
             kwargs = dict(
                 offset=anatomy.num_prefix_tokens,

@@ -23,6 +23,10 @@ class FullFineTuning(Method):
     backbones = ("vit", "swin", "cnn")
     mergeable = True  # nothing to fold: the weights are the backbone's own
     trains_everything = True
+    shareable = False
+    not_shareable_reason = (
+        "full fine-tuning trains every backbone weight, so an adapter would share nothing; use separate models"
+    )
     config_class = FullConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: FullConfig) -> None:

@@ -53,11 +53,13 @@ from vpeft.methods.base import (
     MethodConfig,
     Stage,
     StageContext,
+    StageData,
     StageOutput,
     register,
     replace_module,
 )
 from vpeft.methods.evolution import evolve, sampling_hook, subnet_set, top1
+from vpeft.methods.state import apply, get_state, trainable_parameters
 
 ROLES = ("qkv", "proj", "fc1", "fc2")
 STAGES = ("fixed", "supernet", "search", "subnet")
@@ -305,13 +307,11 @@ class GLoRA(Method):
 
         Writes ``glora_search.json`` and, as the code (it has no retraining step), the found subnet with
         the supernet's weights as the run's adapter (stage=subnet)."""
-        from vpeft.api import load_adapter, read_adapter_config
-
-        saved = read_adapter_config(config.supernet)
+        saved = context.read_adapter_config(config.supernet)
         if saved["method"] != "glora" or saved["options"]["stage"] != "supernet":
             raise ConfigError(f"glora: '{config.supernet}' does not hold a GLoRA supernet adapter")
         num_classes = saved["backbone"]["num_classes"]
-        model = load_adapter(context.build_backbone(num_classes), config.supernet)
+        model = context.load_adapter(context.build_backbone(num_classes), config.supernet)
         data = context.data_for(model)
         found = search(model.to(data.device), data, config, seed=context.seed)
         subnet = inherit(model, found["layers"], context.build_backbone(num_classes).to(data.device))
@@ -369,9 +369,6 @@ def search(model: nn.Module, data: Any, config: GLoRAConfig | None = None, *, se
     supernet's). Returns the best per-layer configuration, its validation top-1 and parameter
     count, and the search's history.
     """
-    from vpeft.api import get_state
-    from vpeft.methods.base import StageData
-
     state = get_state(model)
     if state is None or state.method != "glora" or state.config.stage != "supernet":
         raise ConfigError("glora search needs a model with a trained GLoRA supernet (stage=supernet)")
@@ -407,8 +404,6 @@ def search(model: nn.Module, data: Any, config: GLoRAConfig | None = None, *, se
 def inherit(supernet: nn.Module, layers: dict[str, dict[str, str]], fresh: nn.Module) -> nn.Module:
     """``fresh`` (the backbone the supernet was applied to, unchanged) with the subnet ``layers`` applied and
     the supernet's weights: its slices for the support tensors, its classifier head."""
-    from vpeft.api import apply, get_state, trainable_parameters
-
     config = replace(get_state(supernet).config, stage="subnet", layers=json.dumps(layers, sort_keys=True))
     model = apply(fresh, config)
     source = _layers(supernet)

@@ -30,6 +30,7 @@ from torch import nn
 
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
+from vpeft.data.transforms import input_config
 from vpeft.errors import ConfigError
 from vpeft.methods.base import (
     Method,
@@ -149,8 +150,6 @@ class GPS(Method):
         return config.selection is not None
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: GPSConfig, data: StageData) -> GPSConfig:
-        from vpeft.data import input_config
-
         matrices, _ = layout(model, anatomy)
         cfg = input_config(model)
         views = TwoViews(cfg.mean, cfg.std)

@@ -31,8 +31,9 @@ from torch import nn
 from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
-from vpeft.methods.base import Method, MethodConfig, SlicedDeltaWrapper, register, replace_module
-from vpeft.methods.lora import _SlicedLoRAFunction, resolve_targets
+from vpeft.methods.base import Method, MethodConfig, RoutableUpdate, SlicedDeltaWrapper, register, replace_module
+from vpeft.methods.lowrank import SlicedLoRAFunction
+from vpeft.methods.targets import resolve_targets
 from vpeft.modules import matmul_dtype
 
 
@@ -76,7 +77,7 @@ def _kaiming(rows: int, cols: int, ref: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(a)
 
 
-class MTLoRALinear(SlicedDeltaWrapper):
+class MTLoRALinear(SlicedDeltaWrapper, RoutableUpdate):
     """A Linear plus a shared and (where ``task_rank`` > 0) a task-specific low-rank update on output slices."""
 
     def __init__(
@@ -121,7 +122,7 @@ class MTLoRALinear(SlicedDeltaWrapper):
             out = layer(x)
             return self._add_update(out, self.dropout(x), a_list, b_list)
         flat = x.reshape(-1, x.shape[-1])
-        out = _SlicedLoRAFunction.apply(flat, layer.weight, layer.bias, matmul_dtype(x), 1.0, self.slices,
+        out = SlicedLoRAFunction.apply(flat, layer.weight, layer.bias, matmul_dtype(x), 1.0, self.slices,
                                         *a_list, *b_list)  # fmt: skip
         return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -45,6 +45,8 @@ from vpeft.methods.base import (
     replace_module,
 )
 from vpeft.methods.evolution import evolve, sample, sampling_hook, subnet_set, top1
+from vpeft.methods.prompts import prompt_init_bound
+from vpeft.methods.state import get_state
 
 MODULES = ("adapter", "lora", "prompt")
 STAGES = ("supernet", "search", "retrain")
@@ -191,13 +193,11 @@ class NOAH(Method):
 
     def run_standalone(self, config: NOAHConfig, context: StageContext) -> StageOutput:
         """`vpeft train --method noah --mode tune --opt stage=search --opt supernet=DIR`: search on val."""
-        from vpeft.api import load_adapter, read_adapter_config
-
-        saved = read_adapter_config(config.supernet)
+        saved = context.read_adapter_config(config.supernet)
         if saved["method"] != "noah" or saved["options"]["stage"] != "supernet":
             raise ConfigError(f"noah: '{config.supernet}' does not hold a NOAH supernet adapter")
         model = context.build_backbone(saved["backbone"]["num_classes"])
-        load_adapter(model, config.supernet)
+        context.load_adapter(model, config.supernet)
         data = context.data_for(model)
         found = search(model.to(data.device), data.dataset, config.budget, seed=context.seed)
         record = {"top1": found["val_top1"], "trainable_params": found["params"], "budget": config.budget,
@@ -214,8 +214,7 @@ class NOAH(Method):
             config.architecture = json.dumps(architecture)  # saved inline with the adapter
         else:
             architecture = [config.maxima()] * anatomy.depth
-        patch_area = math.prod(anatomy.patch_size or (16, 16))
-        bound = math.sqrt(6.0 / float(3 * patch_area + anatomy.embed_dim))
+        bound = prompt_init_bound(anatomy)
         for block, sizes in zip(anatomy.blocks, architecture, strict=True):
             wrapper = NOAHBlock(model.get_submodule(block.name), sizes, anatomy.num_prefix_tokens, bound)
             replace_module(model, block.name, wrapper)
@@ -252,8 +251,6 @@ def search(
     ``model`` carries a trained NOAH supernet. Returns the best architecture, its validation
     accuracy and parameter count, and the history of the search (:func:`vpeft.methods.evolution.evolve`).
     """
-    from vpeft.api import get_state
-
     state = get_state(model)
     if state is None or state.method != "noah" or state.config.stage != "supernet":
         raise ConfigError("noah search needs a model with a trained NOAH supernet (stage=supernet)")

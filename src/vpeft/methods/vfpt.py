@@ -22,6 +22,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import Method, register, replace_module
+from vpeft.methods.prompts import prompt_init_bound
 from vpeft.methods.vpt import PromptedBlock, VPTDeepConfig
 
 
@@ -78,8 +79,7 @@ class VFPT(Method):
     config_class = VFPTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: VFPTConfig) -> None:
-        patch_area = math.prod(anatomy.patch_size or (16, 16))
-        bound = math.sqrt(6.0 / float(3 * patch_area + anatomy.embed_dim))
+        bound = prompt_init_bound(anatomy)
         last = anatomy.depth - 1
         for i, block in enumerate(anatomy.blocks):
             wrapper = FourierPromptedBlock(

@@ -11,7 +11,6 @@ dropout defaults to 0.0, the official config's value (KMnP/vpt, MODEL.PROMPT.DRO
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from vpeft.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
+from vpeft.methods.prompts import prompt_init_bound
 from vpeft.modules import first_param
 
 
@@ -92,8 +92,7 @@ class _VPT(Method):
     deep = False
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: VPTShallowConfig) -> None:
-        patch_area = math.prod(anatomy.patch_size or (16, 16))
-        bound = math.sqrt(6.0 / float(3 * patch_area + anatomy.embed_dim))
+        bound = prompt_init_bound(anatomy)
         last = anatomy.depth - 1
         for i, block in enumerate(anatomy.blocks):
             wrapper = PromptedBlock(

@@ -33,26 +33,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from vpeft.adapter_files import legacy_defaults
 from vpeft.anatomy import describe
 from vpeft.api import apply, get_state, read_adapter_config, save_adapter, trainable_parameters
 from vpeft.api import load_adapter as _load_into
 from vpeft.errors import ConfigError, VPeftError
+from vpeft.hub import resolve_adapter
 from vpeft.methods.base import MethodConfig, get_method
 from vpeft.multi.single_pass import Router, routable_wrappers
 
 #: the adapter name that means "no adapter": the plain backbone with its own head (as in peft)
 BASE = "__base__"
 
-#: methods that cannot share a backbone, and why
-NOT_SHAREABLE = {
-    "full": "full fine-tuning trains every backbone weight, so an adapter would share nothing; use separate models",
-}
 
-
-def _legacy_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    from vpeft.api import _legacy_defaults  # the rule load_adapter applies to old saved configs
-
-    return _legacy_defaults(method, options)
+def check_shareable(method: str) -> None:
+    """Raise :class:`ConfigError` when adapters of ``method`` cannot share a backbone (its ``Method.shareable``)."""
+    impl = get_method(method)
+    if not impl.shareable:
+        raise ConfigError(f"method '{method}' cannot share a backbone: {impl.not_shareable_reason}")
 
 
 @dataclass
@@ -230,29 +228,23 @@ class MultiAdapterModel(nn.Module):
         a copy of the backbone's head). ``data`` is the training split for GPS, SPT, SCT. Returns the
         adapter's model (a timm model sharing the frozen weights); the first adapter added becomes active."""
         self._check_name(name)
-        method_name = method.method if isinstance(method, MethodConfig) else method
-        if method_name in NOT_SHAREABLE:
-            raise ConfigError(f"method '{method_name}' cannot share a backbone: {NOT_SHAREABLE[method_name]}")
-        get_method(method_name)
+        check_shareable(method.method if isinstance(method, MethodConfig) else method)
         clone = self._shallow_copy(num_classes)
         return self._install(name, clone, lambda m: apply(m, method, data=data, **options))
 
     def load_adapter(self, name: str, directory: str | os.PathLike) -> nn.Module:
         """Add adapter ``name`` from a folder written by :func:`vpeft.save_adapter` (its head's class count included),
         or from ``hf-hub:<repo id>``."""
-        from vpeft.hub import resolve_adapter
-
         self._check_name(name)
         directory = resolve_adapter(directory)  # an hf-hub: id is fetched once
         saved = read_adapter_config(directory)
-        if saved["method"] in NOT_SHAREABLE:
-            raise ConfigError(f"method '{saved['method']}' cannot share a backbone: {NOT_SHAREABLE[saved['method']]}")
+        check_shareable(saved["method"])
         clone = self._shallow_copy(int(saved["backbone"]["num_classes"]))
         # apply first, so that the weights load into the copy's private clones, never into shared tensors
         self._install(
             name,
             clone,
-            lambda m: apply(m, saved["method"], **_legacy_options(saved["method"], saved["options"])),
+            lambda m: apply(m, saved["method"], **legacy_defaults(saved["method"], saved["options"])),
             tie=False,  # task-shared tensors are tied after loading, once their values are known
         )
         try:

@@ -49,7 +49,7 @@ from vpeft.errors import ConfigError
 from vpeft.files import write_json_atomic
 from vpeft.methods.base import get_method
 from vpeft.metrics import ppt
-from vpeft.multi.model import NOT_SHAREABLE, MultiAdapterModel
+from vpeft.multi.model import MultiAdapterModel, check_shareable
 from vpeft.multi.train import multitask_loss
 from vpeft.tasks import DEFAULT_TASK_TYPE, TaskType, get_task_type
 from vpeft.train.identity import run_identity, run_key
@@ -118,8 +118,7 @@ def _adapter_name(task: str) -> str:
 def check_method(method: str, options: dict[str, Any]) -> None:
     impl = get_method(method)
     make_config(method, **options)
-    if method in NOT_SHAREABLE:
-        raise ConfigError(f"method '{method}' cannot share a backbone: {NOT_SHAREABLE[method]}")
+    check_shareable(method)
     if impl.stage is not None or not impl.single_run:
         raise ConfigError(
             f"method '{method}' reads data before training or needs several runs; train-multi supports "

@@ -8,7 +8,8 @@ output slice, no per-layer gather, scatter or full-size copy. Each group's featu
 its own head (a view again), and the logits keep the caller's batch positions.
 
 It applies to adapters whose model differs from the backbone only by wrappers of the types in
-:data:`ROUTABLE` (LoRA on Linear and Conv2d, MTLoRA) and by the head: their update is a sum added to
+wrappers that declare the :class:`~vpeft.methods.base.RoutableUpdate` capability (LoRA on Linear and
+Conv2d, MTLoRA) and by the head: their update is a sum added to
 the frozen layer's output, so the rows of other tasks stay exact. Methods that change the token count
 or the residual stream (VPT, prefix, adapters, SSF's rescaling, DoRA's per-row magnitude) are not
 additive in that sense and use the grouped path.
@@ -26,12 +27,7 @@ import torch
 from torch import nn
 
 from vpeft.anatomy import describe
-from vpeft.methods.base import BaseLayerWrapper, replace_module
-from vpeft.methods.lora import LoRAConv2d, LoRALinear
-from vpeft.methods.mtlora import MTLoRALinear
-
-#: wrapper types whose update is added to the frozen layer's output (exact types: DoRA's subclass is not)
-ROUTABLE: tuple[type[nn.Module], ...] = (LoRALinear, LoRAConv2d, MTLoRALinear)
+from vpeft.methods.base import BaseLayerWrapper, replace_module, routes_update
 
 
 def routable_wrappers(backbone: nn.Module, model: nn.Module) -> dict[str, nn.Module] | None:
@@ -41,7 +37,7 @@ def routable_wrappers(backbone: nn.Module, model: nn.Module) -> dict[str, nn.Mod
         return None
     anatomy = describe(backbone)
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, BaseLayerWrapper)}
-    if any(type(m) not in ROUTABLE for m in wrappers.values()):
+    if not all(routes_update(m) for m in wrappers.values()):
         return None
     own = dict(backbone.named_modules())
     inside = lambda name: any(name == w or name.startswith(w + ".") for w in wrappers)  # noqa: E731

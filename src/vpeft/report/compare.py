@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vpeft.files import atomic_write
 from vpeft.report.curves import read_log
 
 #: the metrics compared, in order: (record key, label, format)
@@ -213,6 +214,6 @@ def plot_comparison(cmp: Comparison, path: str | Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path

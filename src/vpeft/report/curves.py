@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from vpeft.files import atomic_write
+
 #: the keys of one epoch's line of log.jsonl
 LOG_KEYS = ("epoch", "lr", "train_loss", "train_acc", "images_per_s", "seconds", "val_acc")
 
@@ -85,7 +87,7 @@ def plot_task_curves(runs: list[tuple[Path, dict[str, Any]]], out_dir: str | Pat
         ax_acc.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         path = out / f"{_safe(task)}.png"
-        fig.savefig(path, format="png")
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
         plt.close(fig)
         written[task] = path
     return written

@@ -1,5 +1,7 @@
-"""Leaderboard of dense-prediction runs (segmentation, detection): one table per task, the task type's
-metrics (mean and std over seeds) with trainable parameters, head parameters, peak memory and time.
+"""Leaderboard of the runs of every task type but classification (segmentation, detection, any type registered
+later): one table per task, grouped by task type, with the task type's metrics (mean and std over seeds; the
+columns come from the task type registry's ``metric_names``) and trainable parameters, head parameters, peak
+memory and time.
 
 Published V-PETL Bench numbers are shown beside ours only where the setting matches: the ``ade20k``
 suite (UperNet on Swin-L, 160k iterations; the published runs come from Mona's mmseg fork).
@@ -13,7 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vpeft.report.leaderboard import MEMORY_KINDS, method_families
+from vpeft.errors import ConfigError
+from vpeft.files import write_text_atomic
+from vpeft.report.board import MEMORY_KINDS, method_families
+from vpeft.tasks import TaskType, get_task_type
 
 #: V-PETL Bench README, ADE20K mIoU (UperNet, Swin-L, 160k iterations); vpeft method names
 PUBLISHED_ADE20K = {"full": 52.10, "linear": 46.84, "bitfit": 48.37, "ln_tune": 47.98, "partial_k": 47.44,
@@ -21,13 +26,33 @@ PUBLISHED_ADE20K = {"full": 52.10, "linear": 46.84, "bitfit": 48.37, "ln_tune": 
                     "mona": 51.36}  # fmt: skip
 
 
+def registered_task_type(name: str) -> TaskType | None:
+    """The task type registry's entry for a record's ``task_type``, or None for a type not registered here."""
+    try:
+        return get_task_type(name)
+    except ConfigError:
+        return None
+
+
 def _metrics(records: list[dict[str, Any]]) -> list[str]:
+    """The metric columns: each task type's ``metric_names`` that the records hold, in the registry's order,
+    then any other metric the records name (result.json stores its keys sorted)."""
+    present = {name for r in records for name in r.get("metrics", {})}
     names: list[str] = []
-    for r in records:  # the task type's order (result.json stores its keys sorted)
-        for name in [*r.get("metric_names", []), *r.get("metrics", {})]:
-            if name not in names:
-                names.append(name)
-    return names
+    for type_name in dict.fromkeys(str(r.get("task_type", "")) for r in records):
+        task_type = registered_task_type(type_name)
+        names += [n for n in (task_type.metric_names if task_type else ()) if n in present]
+    for r in records:
+        names += [*r.get("metric_names", []), *r.get("metrics", {})]
+    return list(dict.fromkeys(names))
+
+
+def _primary(records: list[dict[str, Any]]) -> str:
+    """The metric a task's rows rank by: the records' ``primary_metric``, else their task type's."""
+    if records and records[0].get("primary_metric"):
+        return str(records[0]["primary_metric"])
+    task_type = registered_task_type(str(records[0].get("task_type", ""))) if records else None
+    return task_type.primary_metric if task_type else ""
 
 
 def _stat(values: list[float]) -> tuple[float, float | None]:
@@ -35,12 +60,16 @@ def _stat(values: list[float]) -> tuple[float, float | None]:
 
 
 def dense_tables(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Task -> rows (one per method, best primary metric first)."""
+    """Task -> rows (one per method, best primary metric first); the tasks of one task type together."""
     families = method_families()
     tables: dict[str, list[dict[str, Any]]] = {}
-    for task in dict.fromkeys(r["task"] for r in records):
+    by_type = {
+        t: [r for r in records if r.get("task_type", "") == t]
+        for t in dict.fromkeys(r.get("task_type", "") for r in records)
+    }
+    for task in dict.fromkeys(r["task"] for mine in by_type.values() for r in mine):
         mine = [r for r in records if r["task"] == task]
-        primary = mine[0].get("primary_metric", "")
+        primary = _primary(mine)
         rows = []
         for method in dict.fromkeys(r["method"] for r in mine):
             runs = [r for r in mine if r["method"] == method]
@@ -126,6 +155,6 @@ def dense_csv(records: list[dict[str, Any]]) -> str:
 
 def write_dense_report(out: Path, records: list[dict[str, Any]], suite: str, model: str, stem: str) -> dict[str, Path]:
     paths = {"markdown": out / f"{stem}.md", "csv": out / f"{stem}.csv"}
-    paths["markdown"].write_text(dense_markdown(records, suite, model))
-    paths["csv"].write_text(dense_csv(records))
+    write_text_atomic(paths["markdown"], dense_markdown(records, suite, model))
+    write_text_atomic(paths["csv"], dense_csv(records))
     return paths

@@ -15,7 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vpeft.report.leaderboard import Leaderboard, MethodRow, method_families, published_vtab1k
+from vpeft.files import write_text_atomic
+from vpeft.report.board import Leaderboard, MethodRow, method_families, published_vtab1k
 from vpeft.report.plot import ZERO_PARAMS_AT, family_colors
 
 #: the protocol of the published VTAB-1k numbers, shown beside them
@@ -216,5 +217,5 @@ def render_html(board: Leaderboard, ignored: dict[str, int] | None = None) -> st
 def write_html(board: Leaderboard, path: str | Path, ignored: dict[str, int] | None = None) -> Path:
     """Write the self-contained HTML leaderboard to ``path`` and return it."""
     path = Path(path)
-    path.write_text(render_html(board, ignored), encoding="utf-8")
+    write_text_atomic(path, render_html(board, ignored))
     return path

@@ -7,13 +7,23 @@ import io
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vpeft.assets.mini import suite_sheet
+from vpeft.bench.suites import VTAB1K_GROUPS
 from vpeft.errors import VPeftError
+from vpeft.files import write_text_atomic
 from vpeft.metrics import ppt
+from vpeft.multi.run import multitask_keys
+from vpeft.multi.train import delta_m
+from vpeft.report.board import MEMORY_KINDS as MEMORY_KINDS  # re-exported: the old home of the shared types
+from vpeft.report.board import MULTITASK_SUFFIX, Leaderboard, MethodRow, method_families, published_vtab1k, row_name
+from vpeft.report.board import memory_label as memory_label
+from vpeft.report.curves import plot_task_curves
+from vpeft.report.dense import write_dense_report
+from vpeft.report.html import write_html
+from vpeft.report.plot import plot_pareto
 
 RESULT = "result.json"
 MANIFEST = "bench.json"
@@ -54,124 +64,6 @@ def collect_records(out_dir: str | Path, keys: set[str] | None = None,
                     ignored: dict[str, int] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Finished final-protocol records under ``out_dir/runs`` (see :func:`collect_runs`)."""
     return [record for _, record in collect_runs(out_dir, keys, ignored)]
-
-
-def method_families() -> dict[str, str]:
-    """Method name -> family (``partial/reparameterization``, ``addition/adapter``, ...) of the registry."""
-    import vpeft
-
-    return {m["name"]: m["family"] for m in vpeft.list_methods()}
-
-
-#: memory_kind of the records -> the memory column's label
-MEMORY_KINDS = {
-    "cuda_max_allocated": "CUDA allocated",
-    "cpu_process_max_rss": "CPU: process RSS",
-}
-
-
-def memory_label(kinds: set[str], prefix: str = "peak MB") -> str:
-    """The memory column's header, naming what was measured, e.g. ``peak MB (CUDA allocated)``."""
-    names = sorted(MEMORY_KINDS.get(k, k.replace("_", " ")) for k in kinds if k)
-    if not names:
-        return prefix
-    return f"{prefix} ({names[0]})" if len(names) == 1 else f"{prefix} (mixed: {'; '.join(names)})"
-
-
-@dataclass
-class MethodRow:
-    """One method's line of the leaderboard."""
-
-    method: str
-    per_task: dict[str, tuple[float, float | None, int]]  # task -> (mean, std or None with one seed, seeds)
-    mean_tasks: float | None
-    group_mean: float | None
-    group_means: dict[str, float]
-    params: float  # trainable parameters without the head
-    ppt: float | None
-    train_seconds: float
-    peak_memory_mb: float
-    complete: bool
-    family: str = ""
-    #: std over seeds of the per-seed mean over tasks (seeds with every task; None below 2 such seeds)
-    mean_tasks_std: float | None = None
-    group_mean_std: float | None = None
-    seeds: int = 1  # most seeds of any task
-    memory_kind: str = ""
-    memory_estimate_mb: float | None = None  # a per-method estimate, where the records carry one
-    memory_estimate_kind: str = ""
-    #: a row of multi-task runs (``vpeft train-multi``: one adapter per task, trained jointly on one backbone)
-    multitask: bool = False
-    #: delta-m (%) of a multi-task row over the single-task row of ``delta_m_baseline`` on the same tasks
-    delta_m: float | None = None
-    delta_m_baseline: str = ""
-
-
-#: what a multi-task row's name adds to its method's
-MULTITASK_SUFFIX = " (multi-task)"
-
-
-def row_name(record: dict[str, Any]) -> str:
-    """The leaderboard row of a record: its method, or ``<method> (multi-task)`` for a multi-task run's task."""
-    return record["method"] + (MULTITASK_SUFFIX if isinstance(record.get("multitask"), dict) else "")
-
-
-@dataclass
-class Leaderboard:
-    suite: str
-    model: str
-    mode: str
-    tasks: list[str]
-    groups: dict[str, list[str]]
-    rows: list[MethodRow] = field(default_factory=list)
-    epochs: list[int] = field(default_factory=list)  # distinct epoch counts of the runs
-    selection: str = "final_epoch"
-
-    @property
-    def eval_split(self) -> str:
-        return "val" if self.mode == "tune" else "test"
-
-    @property
-    def memory_label(self) -> str:
-        """Header of the measured-memory column, naming its kind (CUDA allocated, CPU process RSS)."""
-        return memory_label({r.memory_kind for r in self.rows})
-
-    @property
-    def estimate_label(self) -> str | None:
-        """Header of the estimated-memory column, or None when no record carries an estimate."""
-        if not any(r.memory_estimate_mb is not None for r in self.rows):
-            return None
-        return "est. MB (per method)"
-
-    @property
-    def estimate_note(self) -> str:
-        """What the estimate counts, from the records' ``memory_estimate_kind``."""
-        kinds = sorted({r.memory_estimate_kind for r in self.rows if r.memory_estimate_mb is not None} - {""})
-        return "; ".join(kinds) or "the records' per-method memory estimate"
-
-    @property
-    def has_delta_m(self) -> bool:
-        return any(r.delta_m is not None for r in self.rows)
-
-    @property
-    def delta_m_note(self) -> str:
-        baselines = sorted({r.delta_m_baseline for r in self.rows if r.delta_m is not None})
-        return (
-            "Δm (%): mean relative gain of a multi-task row's per-task top-1 over the single-task runs of "
-            f"{', '.join(baselines)} on the same tasks, 100/T * sum_t (M_t - S_t) / S_t (Maninis et al. 2019; "
-            "MTLoRA). Multi-task rows: one adapter per task trained jointly on one backbone (`vpeft train-multi`); "
-            "their params are one task's model (for MTLoRA the shared update and the task's own)."
-        )
-
-    @property
-    def protocol(self) -> str:
-        """One line saying what the accuracies are: protocol, split, epoch selection, epochs, seeds."""
-        trained = "train" if self.mode == "tune" else "train+val"
-        chosen = "final epoch" if self.selection == "final_epoch" else self.selection.replace("_", " ")
-        epochs = "/".join(str(e) for e in self.epochs) or "?"
-        seeds = max((r.seeds for r in self.rows), default=1)
-        return (f"{self.mode} protocol: trained on {trained}, top-1 on {self.eval_split} at the {chosen} "
-                f"(nothing selected on test); {epochs} epoch(s); up to {seeds} seed(s)")  # fmt: skip
 
 
 def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]] | None = None,
@@ -246,8 +138,6 @@ def build_leaderboard(records: list[dict[str, Any]], groups: dict[str, list[str]
 
 def _add_delta_m(rows: list[MethodRow], baseline: str | None) -> None:
     """delta-m of each multi-task row over its baseline's single-task row, where that row has all its tasks."""
-    from vpeft.multi.train import delta_m
-
     single = {r.method: r for r in rows if not r.multitask}
     for row in rows:
         if not row.multitask:
@@ -361,21 +251,6 @@ def to_csv(board: Leaderboard) -> str:
     return buf.getvalue()
 
 
-def published_vtab1k() -> list[dict[str, Any]]:
-    """Published ViT-B/16 VTAB-1k numbers shipped with vpeft (source in the file's header)."""
-    text = resources.files("vpeft.bench").joinpath("data", "published_vtab1k.csv").read_text()
-    rows = [line for line in text.splitlines() if line and not line.startswith("#")]
-    return [
-        {
-            "method": r["method"],
-            "mean19": float(r["mean19"]),
-            "group": float(r["group"]),
-            "params_m": float(r["params_m"]),
-        }
-        for r in csv.DictReader(rows)
-    ]
-
-
 def published_markdown(board: Leaderboard) -> str:
     ours = {r.method: r for r in board.rows}
     lines = [
@@ -394,6 +269,19 @@ def published_markdown(board: Leaderboard) -> str:
             f"{_num(r.group_mean) if r else '-'} | {p['params_m']:.2f} | {f'{r.params / 1e6:.2f}' if r else '-'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+#: the task type whose runs make the accuracy leaderboard (group means, PPT, Pareto plot); a record without a
+#: ``task_type`` (written before task types existed) is one of its runs
+CLASSIFICATION = "classification"
+
+
+def runs_by_task_type(runs: list[tuple[Path, dict[str, Any]]]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """The runs grouped by their record's ``task_type`` (classification when absent), in order of appearance."""
+    grouped: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for path, record in runs:
+        grouped.setdefault(str(record.get("task_type") or CLASSIFICATION), []).append((path, record))
+    return grouped
 
 
 class MissingDependencyError(VPeftError, ImportError):
@@ -423,8 +311,6 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     manifest = manifest if isinstance(manifest, dict) else {}
     keys = {r["run_key"] for r in manifest["runs"]} if isinstance(manifest.get("runs"), list) else None
     if keys is not None:
-        from vpeft.multi.run import multitask_keys
-
         keys |= multitask_keys(out)
     ignored: dict[str, int] = {}
     runs = collect_runs(out, keys, ignored)
@@ -432,17 +318,15 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     if not records:
         raise FileNotFoundError(f"no finished runs under '{out}/runs'; run `vpeft bench --out {out}` first")
     suite = manifest.get("suite", "")
-    dense = [r for r in records if r.get("task_type", "classification") != "classification"]
-    if dense:  # segmentation / detection: their own tables (no top-1, no Pareto plot of accuracy)
-        from vpeft.report.dense import write_dense_report
-
-        only_dense = len(dense) == len(records)
-        dense_paths = write_dense_report(out, dense, suite, manifest.get("model", ""),
-                                         "leaderboard" if only_dense else "leaderboard-dense")  # fmt: skip
-        if only_dense:
+    by_type = runs_by_task_type(runs)
+    runs = by_type.pop(CLASSIFICATION, [])
+    records = [r for _, r in runs]
+    if by_type:  # every other task type: its own tables, its metrics as columns (no top-1, no Pareto plot)
+        others = [r for typed in by_type.values() for _, r in typed]
+        dense_paths = write_dense_report(out, others, suite, manifest.get("model", ""),
+                                         "leaderboard" if not runs else "leaderboard-dense")  # fmt: skip
+        if not runs:
             return dense_paths
-        runs = [(p, r) for p, r in runs if r.get("task_type", "classification") == "classification"]
-        records = [r for _, r in runs]
     if groups is None and suite:
         groups = _suite_groups(suite, records)
     board = build_leaderboard(records, groups, suite=suite, model=manifest.get("model", ""),
@@ -456,11 +340,9 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
     if suite == "vtab1k":
         markdown += "\n" + published_markdown(board)
     paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv"}
-    paths["markdown"].write_text(markdown)
-    paths["csv"].write_text(to_csv(board))
+    write_text_atomic(paths["markdown"], markdown)
+    write_text_atomic(paths["csv"], to_csv(board))
     if html:
-        from vpeft.report.html import write_html
-
         paths["html"] = write_html(board, out / "leaderboard.html", ignored=ignored)
     try:
         import matplotlib  # noqa: F401
@@ -469,27 +351,19 @@ def write_report(out_dir: str | Path, groups: dict[str, list[str]] | None = None
         raise MissingDependencyError(
             f"wrote {written}; the plots (pareto.png, curves/) need matplotlib: {REPORT_EXTRA_HINT}"
         ) from None
-    from vpeft.report.plot import plot_pareto
-
     paths["plot"] = out / "pareto.png"
     plot_pareto(board, paths["plot"])
     if curves:
-        from vpeft.report.curves import plot_task_curves
-
         paths["curves"] = out / "curves"
         plot_task_curves(runs, paths["curves"], tasks=board.tasks)
     return paths
 
 
 def _suite_groups(suite: str, records: list[dict[str, Any]]) -> dict[str, list[str]]:
-    from vpeft.bench.suites import VTAB1K_GROUPS
-
     present = {r["task"] for r in records}
     if suite == "vtab1k":
         source = VTAB1K_GROUPS
     elif suite == "mini":
-        from vpeft.assets.mini import suite_sheet
-
         source = {}
         for name, info in suite_sheet()["tasks"].items():
             source.setdefault(info["group"], []).append(name)

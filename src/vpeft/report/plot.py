@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vpeft.files import atomic_write, write_text_atomic
+
 if TYPE_CHECKING:
-    from vpeft.report.leaderboard import Leaderboard
+    from vpeft.report.board import Leaderboard
 
 #: where a method with no trainable parameters besides the head (linear probe) is drawn on the log axis
 ZERO_PARAMS_AT = 1e2
@@ -199,7 +201,7 @@ def plot_pareto(board: Leaderboard, path: str | Path) -> dict[str, Any]:
                             for r in rows],
                            colour, marker_px=(size**0.5) * fig.dpi / 72)  # fmt: skip
     path = Path(path)
-    fig.savefig(path, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     data = {
         "points": [
@@ -220,5 +222,5 @@ def plot_pareto(board: Leaderboard, path: str | Path) -> dict[str, Any]:
         "family_colors": colours,
         "labels": labels,
     }
-    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
     return data

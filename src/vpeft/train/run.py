@@ -270,6 +270,8 @@ def _run_standalone(spec: RunSpec, out: Path, config: MethodConfig) -> dict[str,
     context = StageContext(
         build_backbone=lambda num_classes: build_backbone(spec, num_classes),
         data_for=lambda model: stage_data(spec, task, model, split),
+        read_adapter_config=read_adapter_config,
+        load_adapter=load_adapter,
         seed=spec.train.seed,
     )
     started = time.time()
