@@ -27,6 +27,7 @@ from vpeft.data.segmentation import (
     rescale_size,
     slide_windows,
 )
+from vpeft.data.transforms import input_config
 from vpeft.dense.encoder import DenseEncoder
 from vpeft.dense.heads import UPerHead
 from vpeft.dense.metrics import confusion_matrix, segmentation_scores
@@ -71,8 +72,6 @@ class SegmentationModel(nn.Module):
         self.head = UPerHead(self.encoder.channels, num_classes, options.channels, options.dropout).to(ref.device)
         self.num_classes = num_classes
         self.options = options
-        from vpeft.data import input_config
-
         size = input_config(backbone).size
         self.crop = (options.crop_size, options.crop_size) if options.crop_size else (int(size[0]), int(size[1]))
         self.mean = tuple(input_config(backbone).mean)

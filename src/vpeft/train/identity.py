@@ -13,15 +13,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vpeft.api import make_config
 from vpeft.backbones import local_dir_weights
 from vpeft.tasks import DEFAULT_TASK_TYPE, get_task_type
-
-if TYPE_CHECKING:
-    from vpeft.data import Task
-    from vpeft.train.run import RunSpec
 
 #: RunSpec fields that only choose how a run executes, never its numbers (each path is exact)
 EXECUTION_ONLY = ("cache_images", "feature_cache", "feature_cache_gb")
@@ -48,7 +44,7 @@ def file_sha256(path: str | Path) -> str | None:
     return _file_sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def data_fingerprint(task: Task, splits: tuple[str, ...]) -> str:
+def data_fingerprint(task: Any, splits: tuple[str, ...]) -> str:
     """sha256 of the splits' (path relative to the task root, label) lists: what the split files say."""
     root = str(task.root)
     digest = hashlib.sha256()
@@ -62,8 +58,10 @@ def data_fingerprint(task: Task, splits: tuple[str, ...]) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, Any]:
-    """The fields that define a run's result, with options resolved to the method's full config."""
+def run_identity(spec: Any, task: Any, record_version: int) -> dict[str, Any]:
+    """The fields that define a run's result, with options resolved to the method's full config.
+
+    ``spec`` is a :class:`vpeft.train.run.RunSpec`; ``task`` the task its task type loaded."""
     splits = ("train", "val") if spec.mode == "tune" else ("trainval", "test")
     identity = {
         "record_version": record_version,
