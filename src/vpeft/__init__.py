@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from vpeft.anatomy import Anatomy, describe
+from vpeft.backbones.anatomy import Anatomy
+from vpeft.backbones.registry import describe
 from vpeft.api import (
     apply,
     count_parameters,

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vpeft import methods  # noqa: F401  (registers every method)
-from vpeft.anatomy import Anatomy, backbone_identity, describe
+from vpeft.backbones.anatomy import Anatomy, backbone_identity
+from vpeft.backbones.registry import describe
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError
 from vpeft.methods.base import (
     BaseLayerWrapper,

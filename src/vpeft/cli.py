@@ -42,7 +42,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     import copy
 
-    from vpeft.backbones import create_backbone
+    from vpeft.backbones.create import create_backbone
 
     base = create_backbone(args.model, args.num_classes, pretrained=False)  # built once, copied per method
     total = vpeft.count_parameters(base)
@@ -278,7 +278,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
     if args.suite == "mini":
-        from vpeft.assets.mini import suite_sheet
+        from vpeft.data.mini import suite_sheet
 
         sheet = suite_sheet()
         rows = [[name, t["group"], t["num_classes"], t["sizes"]["train"], t["sizes"]["val"], t["sizes"]["test"],

@@ -18,7 +18,8 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from vpeft.anatomy import Anatomy, describe
+from vpeft.backbones.anatomy import Anatomy
+from vpeft.backbones.registry import describe
 from vpeft.api import get_state
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import convert_options
 from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, register
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, register, replace_module
 from vpeft.methods.lora import LoRAConfig, LoRALinear, _split_sizes, _stack, default_targets, resolve_targets

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, backbone_modules, register
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, NotMergeableError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, backbone_modules, register, replace_module

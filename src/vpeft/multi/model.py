@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import describe
+from vpeft.backbones.registry import describe
 from vpeft.api import apply, get_state, read_adapter_config, save_adapter, trainable_parameters
 from vpeft.api import load_adapter as _load_into
 from vpeft.errors import ConfigError, VPeftError

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import yaml
 
 import vpeft
-from vpeft.backbones import create_backbone
+from vpeft.backbones.create import create_backbone
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError
 from vpeft.metrics import ppt

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import describe
+from vpeft.backbones.registry import describe
 from vpeft.methods.base import BaseLayerWrapper, replace_module
 from vpeft.methods.lora import LoRAConv2d, LoRALinear
 from vpeft.methods.mtlora import MTLoRALinear

@@ -488,7 +488,7 @@ def _suite_groups(suite: str, records: list[dict[str, Any]]) -> dict[str, list[s
     if suite == "vtab1k":
         source = VTAB1K_GROUPS
     elif suite == "mini":
-        from vpeft.assets.mini import suite_sheet
+        from vpeft.data.mini import suite_sheet
 
         source = {}
         for name, info in suite_sheet()["tasks"].items():

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import vpeft
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 
 
 def _stochastic(module: nn.Module) -> bool:

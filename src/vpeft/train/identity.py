@@ -92,7 +92,7 @@ def run_identity(spec: RunSpec, task: Task, record_version: int) -> dict[str, An
 
 def _local_dir_digest(model: str) -> str | None:
     """A ``local-dir:`` backbone's weights and config are part of the run: their sha256."""
-    from vpeft.backbones import local_dir_weights
+    from vpeft.backbones.create import local_dir_weights
 
     weights = local_dir_weights(model)
     if weights is None:

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 import vpeft
-from vpeft.backbones import create_backbone
+from vpeft.backbones.create import create_backbone
 from vpeft.config import coerce_fields, option
 from vpeft.data import DataError, ImageDataset, Task, build_transform, input_config, is_deterministic, load_task
 from vpeft.errors import AdapterMismatchError, ConfigError, VPeftError

@@ -210,7 +210,7 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def _is_cnn(model: nn.Module) -> bool:
-    from vpeft.anatomy import describe
+    from vpeft.backbones.registry import describe
     from vpeft.api import get_state
 
     state = get_state(model)
