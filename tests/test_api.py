@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vpeft
+from vpeft.backbones.anatomy import PARTS
 from vpeft.cli import main
 from vpeft.methods.lora import LoRAConfig
 
@@ -126,6 +127,6 @@ def test_cli_methods_lists_every_method(capsys) -> None:
 
 def test_list_methods_fields() -> None:
     for m in vpeft.list_methods():
-        assert set(m) == {"name", "family", "paper", "backbones", "backbone_notes", "mergeable", "options"}
-        assert set(m["backbone_notes"]) <= set(m["backbones"])
+        assert set(m) == {"name", "family", "paper", "requires", "mergeable", "options"}
+        assert set(m["requires"]) <= PARTS
         assert all(text for text in m["options"].values()), f"{m['name']} has an option without help"

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.backbones.vit_mini import vit_mini_card
-from vpeft.data.mini import GROUPS, load_mini_task, mini_task_names, suite_sheet
 from vpeft.backbones.create import create_backbone
+from vpeft.backbones.vit import VIT_PARTS
+from vpeft.backbones.vit_mini import vit_mini_card
 from vpeft.cli import main
 from vpeft.data import ImageDataset, build_transform, input_config, load_task
+from vpeft.data.mini import GROUPS, load_mini_task, mini_task_names, suite_sheet
 
 TASKS = mini_task_names()
 
@@ -96,7 +97,7 @@ def test_pretrained_features_beat_chance(name: str) -> None:
     assert acc > 1.5 / task.num_classes, f"{name}: {acc:.3f}"
 
 
-METHODS = [m["name"] for m in vpeft.list_methods() if "vit" in m["backbones"]]
+METHODS = [m["name"] for m in vpeft.list_methods() if set(m["requires"]) <= VIT_PARTS]
 
 
 @pytest.mark.parametrize("method", METHODS)

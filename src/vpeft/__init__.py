@@ -2,8 +2,6 @@
 
 __version__ = "0.1.0"
 
-from vpeft.backbones.anatomy import Anatomy
-from vpeft.backbones.registry import describe
 from vpeft.api import (
     apply,
     count_parameters,
@@ -18,6 +16,8 @@ from vpeft.api import (
     trainable_parameters,
     unmerge,
 )
+from vpeft.backbones.anatomy import Anatomy
+from vpeft.backbones.registry import describe
 from vpeft.errors import (
     AdapterMismatchError,
     ConfigError,

@@ -338,14 +338,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """Every registered method: name, family, paper, backbones, mergeable, options with help."""
+    """Every registered method: name, family, paper, requires (backbone parts), mergeable, options with help."""
     return [
         {
             "name": m.name,
             "family": m.family,
             "paper": m.paper,
-            "backbones": list(m.backbones),
-            "backbone_notes": dict(getattr(m, "backbone_notes", {})),
+            "requires": sorted(m.requires),
             "mergeable": m.mergeable,
             "options": m.config_class.option_help(),
         }

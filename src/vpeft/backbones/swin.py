@@ -5,7 +5,14 @@ from __future__ import annotations
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from vpeft.backbones.anatomy import Anatomy, architecture, classifier_heads, has_layernorm, has_module, transformer_block
+from vpeft.backbones.anatomy import (
+    Anatomy,
+    architecture,
+    classifier_heads,
+    has_layernorm,
+    has_module,
+    transformer_block,
+)
 from vpeft.backbones.registry import BackboneFamily, register_family
 
 

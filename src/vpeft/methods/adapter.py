@@ -98,7 +98,7 @@ class Adapter(Method):
     name = "adapter"
     family = "addition/adapter"
     paper = "Houlsby et al., ICML 2019 (arXiv 1902.00751); Pfeiffer et al., EACL 2021 (arXiv 2005.00247)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = AdapterConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: AdapterConfig) -> None:

@@ -112,7 +112,7 @@ class BAPAT(Method):
     name = "bapat"
     family = "addition/prefix"
     paper = "Yu et al., Towards a Unified View on Visual PETL (PATT), arXiv 2210.00788"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "mlp"})
     config_class = BAPATConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: BAPATConfig) -> None:

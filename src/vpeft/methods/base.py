@@ -75,7 +75,8 @@ class Method:
     name: ClassVar[str]
     family: ClassVar[str]  # taxonomy: "addition/adapter", "partial/reparameterization", ...
     paper: ClassVar[str]
-    backbones: ClassVar[tuple[str, ...]]  # anatomy families it applies to
+    #: backbone parts it needs, in the vocabulary of :data:`vpeft.backbones.anatomy.PARTS`
+    requires: ClassVar[frozenset[str]] = frozenset()
     mergeable: ClassVar[bool] = False
     #: whether the method trains the whole model itself (full fine-tuning)
     trains_everything: ClassVar[bool] = False
@@ -110,10 +111,13 @@ class Method:
         return {}
 
     def check_backbone(self, anatomy: Anatomy) -> None:
-        if anatomy.family not in self.backbones:
+        """Refuse a backbone that lacks a part this method :attr:`requires`, naming the missing parts."""
+        missing = self.requires - anatomy.parts
+        if missing:
             raise UnsupportedBackboneError(
-                f"method '{self.name}' does not apply to {anatomy.architecture} (a {anatomy.family} "
-                f"backbone); it applies to: {', '.join(self.backbones)}"
+                f"method '{self.name}' does not apply to {anatomy.architecture} (a {anatomy.family} backbone): "
+                f"it needs the parts {', '.join(sorted(self.requires))}; the backbone lacks {', '.join(sorted(missing))} "
+                f"(it has: {', '.join(sorted(anatomy.parts)) or 'none'})"
             )
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig) -> None:

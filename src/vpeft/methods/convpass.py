@@ -113,7 +113,7 @@ class Convpass(Method):
     name = "convpass"
     family = "addition/adapter"
     paper = "Jie and Deng, Convpass, 2022 (arXiv 2207.07039)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "token_grid_2d", "attention", "mlp"})
     config_class = ConvpassConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: ConvpassConfig) -> None:

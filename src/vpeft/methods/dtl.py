@@ -146,7 +146,7 @@ class DTLBlock(BaseLayerWrapper):
 class _DTL(Method):
     family = "addition/side"
     paper = "Fu et al., DTL: Disentangled Transfer Learning for Visual Recognition, AAAI 2024 (arXiv 2312.07856)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     plus = False
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: DTLConfig) -> None:

@@ -174,7 +174,7 @@ class FacTLinear(DeltaWeightWrapper):
 class _FacT(Method):
     family = "partial/reparameterization"
     paper = "Jie and Deng, FacT, AAAI 2023 (arXiv 2212.03145)"
-    backbones = ("vit",)
+    requires = frozenset({"isotropic", "qkv_fused", "attn_proj", "mlp"})
     mergeable = True
     tucker = False
 

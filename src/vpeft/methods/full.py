@@ -20,7 +20,7 @@ class FullFineTuning(Method):
     name = "full"
     family = "baseline"
     paper = "baseline (all parameters trained)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True  # nothing to fold: the weights are the backbone's own
     trains_everything = True
     config_class = FullConfig

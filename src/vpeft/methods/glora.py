@@ -293,7 +293,7 @@ class GLoRA(Method):
     name = "glora"
     family = "unified"
     paper = "Chavan et al., One-for-All: Generalized LoRA, 2023 (arXiv 2306.07967)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     mergeable = True
     config_class = GLoRAConfig
 

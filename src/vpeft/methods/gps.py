@@ -140,7 +140,7 @@ class GPS(Method):
     name = "gps"
     family = "partial/specification"
     paper = "Zhang et al., Gradient-based Parameter Selection (GPS), CVPR 2024 (arXiv 2312.10136)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True
     config_class = GPSConfig
     stage = Stage("gradients", "train", "one pass of supervised-contrastive gradients over the training split")

@@ -310,7 +310,7 @@ class HST(Method):
     name = "hst"
     family = "addition/side"
     paper = "Lin et al., Hierarchical Side-Tuning for Vision Transformers, arXiv 2310.05393"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "token_grid_2d"})
     config_class = HSTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: HSTConfig) -> None:

@@ -125,7 +125,7 @@ class Hydra(Method):
     name = "hydra"
     family = "partial/reparameterization"
     paper = "Kim et al., Hydra: Multi-head Low-rank Adaptation, 2023 (arXiv 2309.06922)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attn_proj", "mlp"})
     mergeable = True
     config_class = HydraConfig
 

@@ -108,7 +108,7 @@ class LAST(Method):
     name = "last"
     family = "addition/side"
     paper = "Tang et al., Low-rank Attention Side-Tuning for PEFT, arXiv 2402.04009 (no public code)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "attention"})
     config_class = LASTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LASTConfig) -> None:

@@ -20,7 +20,7 @@ class LinearProbe(Method):
     name = "linear"
     family = "partial/specification"
     paper = "baseline (frozen backbone, trained head)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True  # nothing to fold
     config_class = LinearConfig
 

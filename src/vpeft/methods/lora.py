@@ -254,7 +254,7 @@ class LoRAConv2d(DeltaWeightWrapper):
 
 
 def default_targets(anatomy: Anatomy) -> list[str]:
-    if anatomy.family in ("vit", "swin"):
+    if anatomy.parts & {"qkv_fused", "qkv_separate"}:
         return ["q", "v"]
     if all(b.fc1 is not None for b in anatomy.blocks):
         return ["fc1", "fc2"]
@@ -312,7 +312,7 @@ class LoRA(Method):
     name = "lora"
     family = "partial/reparameterization"
     paper = "Hu et al., LoRA, ICLR 2022 (arXiv 2106.09685)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset({"blocks"})
     mergeable = True
     config_class = LoRAConfig
 

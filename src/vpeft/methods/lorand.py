@@ -190,7 +190,7 @@ class LoRand(Method):
     name = "lorand"
     family = "addition/adapter"
     paper = "Yin et al., 1% VS 100%: Parameter-Efficient Low Rank Adapter for Dense Predictions, CVPR 2023 (arXiv 2303.06233)"
-    backbones = ("swin", "vit")
+    requires = frozenset({"attention", "mlp"})
     config_class = LoRandConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LoRandConfig) -> None:

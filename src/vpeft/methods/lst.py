@@ -126,7 +126,7 @@ class LST(Method):
     name = "lst"
     family = "addition/side"
     paper = "Sung et al., LST, NeurIPS 2022 (arXiv 2206.06522)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     config_class = LSTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LSTConfig) -> None:

@@ -177,7 +177,7 @@ class MTLoRA(Method):
     name = "mtlora"
     family = "partial/reparameterization"
     paper = "Agiza et al., MTLoRA, CVPR 2024 (arXiv 2403.20320)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     mergeable = True
     config_class = MTLoRAConfig
 

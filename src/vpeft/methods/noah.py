@@ -182,7 +182,7 @@ class NOAH(Method):
     name = "noah"
     family = "unified"
     paper = "Zhang et al., Neural Prompt Search (NOAH), 2022 (arXiv 2206.04673)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "attention", "mlp"})
     single_run = False
     config_class = NOAHConfig
 

@@ -117,7 +117,7 @@ class RepAdapter(Method):
     name = "repadapter"
     family = "partial/reparameterization"
     paper = "Luo et al., RepAdapter, 2023 (arXiv 2302.08106)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     mergeable = True
     config_class = RepAdapterConfig
 

@@ -96,7 +96,7 @@ class SCT(Method):
     name = "sct"
     family = "addition/adapter"
     paper = "Zhao et al., Salient Channel Tuning (SCT), IJCV 2024 (arXiv 2309.08513)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = SCTConfig
     stage = Stage("activations", "train", "per-class channel norms of each block's residual stream after attention")
 

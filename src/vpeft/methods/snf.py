@@ -140,7 +140,7 @@ class SNF(Method):
     name = "snf"
     family = "addition/adapter"
     paper = "Wang et al., Adapting Shortcut with Normalizing Flow (SNF), CVPR 2023"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "attention", "mlp"})
     config_class = SNFConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: SNFConfig) -> None:

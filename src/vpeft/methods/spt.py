@@ -205,7 +205,7 @@ class SPT(Method):
     """Shared by SPT-LoRA and SPT-Adapter; ``structured`` names the module a sensitive matrix gets."""
 
     family = "unified"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     structured = "lora"
     stage = Stage("sensitivity", "train", "squared cross-entropy gradients of every entry over a few batches")
 

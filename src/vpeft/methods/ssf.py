@@ -204,7 +204,7 @@ class SSF(Method):
     name = "ssf"
     family = "partial/reparameterization"
     paper = "Lian et al., SSF, NeurIPS 2022 (arXiv 2210.08823)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True
     config_class = SSFConfig
 

@@ -82,7 +82,7 @@ class UTuning(Method):
     name = "utuning"
     family = "unified"
     paper = "Jiang et al., Rethinking Efficient Tuning Methods from a Unified Perspective (U-Tuning), arXiv 2303.00690"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = UTuningConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: UTuningConfig) -> None:

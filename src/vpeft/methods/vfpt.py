@@ -74,7 +74,7 @@ class VFPT(Method):
     name = "vfpt"
     family = "addition/prompt"
     paper = "Zeng et al., Visual Fourier Prompt Tuning, NeurIPS 2024 (arXiv 2411.01327)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     config_class = VFPTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: VFPTConfig) -> None:

@@ -88,7 +88,7 @@ class PromptedBlock(BaseLayerWrapper):
 class _VPT(Method):
     family = "addition/prompt"
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022 (arXiv 2203.12119)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     deep = False
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: VPTShallowConfig) -> None:

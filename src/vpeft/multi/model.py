@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.backbones.registry import describe
 from vpeft.api import apply, get_state, read_adapter_config, save_adapter, trainable_parameters
 from vpeft.api import load_adapter as _load_into
+from vpeft.backbones.registry import describe
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.methods.base import MethodConfig, get_method
 from vpeft.multi.single_pass import Router, routable_wrappers

@@ -210,8 +210,8 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def _is_cnn(model: nn.Module) -> bool:
-    from vpeft.backbones.registry import describe
     from vpeft.api import get_state
+    from vpeft.backbones.registry import describe
 
     state = get_state(model)
     try:
