@@ -54,7 +54,7 @@ def test_apply_twice_refused() -> None:
 
 
 def test_unsupported_backbone_says_so() -> None:
-    with pytest.raises(vpeft.UnsupportedBackboneError, match="applies to: vit"):
+    with pytest.raises(vpeft.UnsupportedBackboneError, match="lacks isotropic, tokens"):
         vpeft.apply(make_backbone("swin"), "vpt_deep")
     with pytest.raises(vpeft.UnsupportedBackboneError, match="does not know the anatomy of Linear"):
         vpeft.apply(torch.nn.Linear(2, 2), "lora")

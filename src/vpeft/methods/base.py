@@ -2,7 +2,7 @@
 
 A method is a :class:`Method` subclass in its own file, decorated with :func:`register`. It
 declares a :class:`MethodConfig` dataclass (every field carries ``help`` metadata), the backbone
-families it applies to, and implements :meth:`Method.inject`, which changes a model whose
+parts it requires (:attr:`Method.requires`), and implements :meth:`Method.inject`, which changes a model whose
 parameters are already all frozen.
 
 Lifecycle. A method may read data before it is injected (GPS's gradients, SPT's sensitivity,
