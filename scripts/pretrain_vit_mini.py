@@ -131,8 +131,8 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 def linear_probe_report(out: Path, epochs: int = 100) -> dict:
     """Linear-probe top-1 on every mini task (train800val200 -> test), pretrained vs random init."""
     import vpeft
-    from vpeft.assets.mini import load_mini_task, mini_task_names
-    from vpeft.backbones import create_backbone
+    from vpeft.backbones.create import create_backbone
+    from vpeft.data.mini import load_mini_task, mini_task_names
 
     report: dict = {"protocol": f"frozen features, linear head, AdamW lr 1e-2, {epochs} full-batch epochs, "
                     "train800val200 -> test", "tasks": {}}  # fmt: skip

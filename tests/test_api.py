@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vpeft
+from vpeft.backbones.anatomy import PARTS
 from vpeft.cli import main
 from vpeft.methods.lora import LoRAConfig
 
@@ -53,7 +54,7 @@ def test_apply_twice_refused() -> None:
 
 
 def test_unsupported_backbone_says_so() -> None:
-    with pytest.raises(vpeft.UnsupportedBackboneError, match="applies to: vit"):
+    with pytest.raises(vpeft.UnsupportedBackboneError, match="lacks isotropic, tokens"):
         vpeft.apply(make_backbone("swin"), "vpt_deep")
     with pytest.raises(vpeft.UnsupportedBackboneError, match="does not know the anatomy of Linear"):
         vpeft.apply(torch.nn.Linear(2, 2), "lora")
@@ -126,6 +127,6 @@ def test_cli_methods_lists_every_method(capsys) -> None:
 
 def test_list_methods_fields() -> None:
     for m in vpeft.list_methods():
-        assert set(m) == {"name", "family", "paper", "backbones", "backbone_notes", "mergeable", "options"}
-        assert set(m["backbone_notes"]) <= set(m["backbones"])
+        assert set(m) == {"name", "family", "paper", "requires", "mergeable", "options"}
+        assert set(m["requires"]) <= PARTS
         assert all(text for text in m["options"].values()), f"{m['name']} has an option without help"

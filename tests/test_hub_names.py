@@ -9,7 +9,7 @@ import timm
 from safetensors.torch import save_file
 
 from datagen import make_vtab_task
-from vpeft.backbones import create_backbone
+from vpeft.backbones.create import create_backbone
 from vpeft.cli import main
 from vpeft.errors import VPeftError
 

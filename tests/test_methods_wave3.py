@@ -1,335 +1,27 @@
-"""Table-driven checks of issue 15's methods on every backbone (the method x backbone matrix of test_methods.py).
+"""Behaviour of issue 15's methods against their papers' formulas and official code.
 
-Each method has one row in ``SPECS``: the options under which the paper starts from the unchanged
-model (None where it does not), its trainable count in closed form on the small test ViT and on
-ViT-B/16, and, for side methods, the blocks that must build no autograd graph.
+The generic method x backbone checks of these methods (identity at init, counts, gradients, merge,
+save/load) are rows of the one matrix in test_methods.py.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-from dataclasses import dataclass, field
 
 import pytest
-import timm
 import torch
 
 import vpeft
+from test_methods import DEPTH, HIDDEN, SMALL_SWIN, D, apply_method, lorand_count, perturb_trainable
 from vpeft.errors import UnsupportedBackboneError
 
-from conftest import BACKBONES, IMG, NUM_CLASSES, make_backbone, make_input
-
-#: the small test ViT of conftest: width, depth, MLP width
-D, DEPTH, HIDDEN = 48, 2, 96
-
-
-@dataclass
-class Spec:
-    #: options under which the model equals the backbone at step 0; None: the paper's init is not the identity
-    identity: dict | None
-    #: closed-form trainable count (head excluded) on conftest's "vit" with default options
-    small_vit: int
-    #: the same on ViT-B/16 (d = 768, 12 blocks, MLP 3072, 196 patches)
-    vit_b: int
-    #: blocks (by index, on the small ViT) that must run without an autograd graph
-    frozen_blocks: tuple[int, ...] = ()
-    #: options used by every generic test (e.g. to switch off a training-only randomness)
-    options: dict = field(default_factory=dict)
-    #: input width of the classifier head (HST's head reads its side network's last stage, 72 wide)
-    head_in: int = 768
-    #: closed-form counts on conftest's "swin" (widths 16, 32; one block each) and on Swin-B, for Swin methods
-    small_swin: int | None = None
-    swin_b: int | None = None
-
-
-def _adapter_plus(d: int, depth: int, r: int = 8) -> int:
-    return depth * (d * r + r + r * d + d + d)
-
-
-def _dtl(d: int, depth: int, r: int = 2) -> int:
-    return depth * 2 * d * r
-
-
-def _hydra_layer(fan_in: int, fan_out: int, r: int = 2) -> int:
-    return (fan_in * r + r + r * fan_out + fan_out) + (fan_out * r + r + r * fan_out + fan_out)
-
-
-def _hydra(d: int, depth: int, hidden: int) -> int:
-    return depth * (_hydra_layer(d, d) + _hydra_layer(hidden, d))
-
-
-def _glora_layer(fan_in: int, fan_out: int, r: int = 4) -> int:
-    """Default configuration: A, C, D, E vectors (out, in, out, out), B rank-r."""
-    return fan_out + r * (fan_in + fan_out) + fan_in + 2 * fan_out
-
-
-def _glora(d: int, depth: int, hidden: int) -> int:
-    return depth * (_glora_layer(d, 3 * d) + _glora_layer(d, d) + _glora_layer(d, hidden) + _glora_layer(hidden, d))
-
-
-def _bapat(d: int, depth: int, mid: int = 128, ffn: int = 64) -> int:
-    return depth * ((d * mid + mid + mid * 2 * d + 2 * d) + (d * ffn + ffn + ffn * d + d))
-
-
-def _hst(d: int, read: int, vit_depth: int, dims=(32, 48, 64, 72), depths=(3, 3, 3, 3)) -> int:
-    """HST on a ViT of width d and depth vit_depth whose side network reads ``read`` of its blocks."""
-    m_blocks = sum(
-        k * (12 * c * c + 13 * c) for c, k in zip(dims, depths, strict=True)
-    )  # LN, q, k, v, proj, LN, MLP x4
-    stem = 9 * 3 * dims[0] + 2 * dims[0] + 4 * dims[0] * dims[0] + dims[0] + 2 * dims[0]  # conv, BN, conv, LN
-    downs = sum(9 * a * b + b + 2 * b for a, b in itertools.pairwise(dims))  # 3x3 conv + LN
-    stage_norms = 2 * sum(dims)
-    bridges = sum((d + 1) * c for c in dims)
-    meta_norms = sum(k * 2 * c for c, k in zip(dims, depths, strict=True))
-    return m_blocks + stem + downs + stage_norms + bridges + meta_norms + read * d + vit_depth * 4 * d
-
-
-def _last(d: int, depth: int, r: int = 16) -> int:
-    return depth * (2 * d + (d * 3 * r + 3 * r) + (r * d + d))  # LN, fused q/k/v, output projection
-
-
-def _lorand_layer(fan_in: int, fan_out: int, branches: int = 2, kernel: int = 8) -> int:
-    """sum_i P_i K_i Q_i and a bias, without the kernels K_i."""
-    return branches * (fan_in * kernel + kernel * fan_out) + fan_out
-
-
-def _lorand(widths: list[int], shared: bool = True, branches: int = 2, kernel: int = 8) -> int:
-    """Two LoRand adapters (down to width / 2 and back up) per block; ``widths``: each block's width.
-    The adapter's two layers share one set of kernels (``shared``) or have one each."""
-    kernels = (1 if shared else 2) * branches * kernel * kernel
-    return sum(2 * (_lorand_layer(d, d // 2) + _lorand_layer(d // 2, d) + kernels) for d in widths)
-
-
-#: block widths of Swin-B (depths 2, 2, 18, 2; widths 128 ... 1024) and of conftest's small Swin
-SWIN_B = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2
-SMALL_SWIN = [16, 32]
-
-SPECS: dict[str, Spec] = {
-    "adapter_plus": Spec(identity=dict(init="lora"), small_vit=_adapter_plus(D, DEPTH), vit_b=_adapter_plus(768, 12)),
-    "dtl": Spec(identity={}, small_vit=_dtl(D, DEPTH), vit_b=_dtl(768, 12), frozen_blocks=(0, 1)),
-    "dtl_plus": Spec(
-        identity={}, small_vit=_dtl(D, DEPTH) + D * 9, vit_b=_dtl(768, 12) + 768 * 9, frozen_blocks=(0, 1)
-    ),
-    "hydra": Spec(identity={}, small_vit=_hydra(D, DEPTH, HIDDEN), vit_b=_hydra(768, 12, 3072)),
-    "vfpt": Spec(identity=None, small_vit=DEPTH * 50 * D, vit_b=12 * 50 * 768),
-    "glora": Spec(identity={}, small_vit=_glora(D, DEPTH, HIDDEN), vit_b=_glora(768, 12, 3072)),
-    "utuning": Spec(identity={}, small_vit=DEPTH * 2 * (2 * D * 8 + 8 + D), vit_b=12 * 2 * (2 * 768 * 8 + 8 + 768)),
-    "snf": Spec(identity=None, small_vit=DEPTH * 2 * (2 * D + 16 * (2 * D + 1)), vit_b=24 * (2 * 768 + 16 * 1537)),
-    "bapat": Spec(identity=dict(attn_init="zero_up"), small_vit=_bapat(D, DEPTH), vit_b=_bapat(768, 12)),
-    "e2vpt": Spec(identity=None, small_vit=DEPTH * (5 * D + 5 * D), vit_b=12 * (5 * 768 + 5 * 768)),
-    # HST replaces the model's output (its head reads the side network): no identity at init. Gradients
-    # flow through every block (the meta tokens enter each), so no block is graph-free.
-    "hst": Spec(identity=None, small_vit=_hst(D, DEPTH, DEPTH), vit_b=_hst(768, 12, 12), head_in=72),
-    # LAST: the paper gives no init; ours (zero output projections) starts from the backbone, tested below
-    "last": Spec(identity=None, small_vit=_last(D, DEPTH), vit_b=_last(768, 12), frozen_blocks=(0, 1)),
-    # the paper's (the author's code's) Kaiming init of every factor is not the identity; zero_up is
-    "lorand": Spec(
-        identity=dict(init="zero_up"),
-        small_vit=_lorand([D] * DEPTH),
-        vit_b=_lorand([768] * 12),
-        small_swin=_lorand(SMALL_SWIN),
-        swin_b=_lorand(SWIN_B),  # 1,197,312: the published 1.20M (COCO, Swin-B)
-    ),
-    # LoRand's adapters, two per block, on the highway, and the final norm (2 x the last width)
-    "e3va": Spec(
-        identity=dict(init="zero_up"),
-        small_vit=_lorand([D] * DEPTH) + 2 * D,
-        vit_b=_lorand([768] * 12) + 2 * 768,
-        frozen_blocks=(0, 1),
-        small_swin=_lorand(SMALL_SWIN) + 2 * 32,
-        swin_b=_lorand(SWIN_B) + 2 * 1024,  # 1,199,360: the published 1.20M
-    ),
-}
-METHODS = sorted(SPECS)
-CASES = [(m, b) for m in METHODS for b in BACKBONES]
-
-
-def applies(method: str, backbone: str) -> bool:
-    return vpeft.describe(make_backbone(backbone)).family in vpeft.get_method(method).backbones
-
-
-def _apply(method: str, backbone: str, **options) -> tuple[torch.nn.Module, torch.nn.Module]:
-    base = make_backbone(backbone)
-    model = vpeft.apply(copy.deepcopy(base), method, **{**SPECS[method].options, **options})
-    return base, model.eval()
-
-
-def _perturb_trainable(model: torch.nn.Module, seed: int = 3) -> None:
-    """Move every trainable parameter away from its init (B = 0, up = 0 ...) so updates are visible."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in vpeft.trainable_parameters(model).values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def test_every_method_is_registered_with_family_and_paper() -> None:
-    listed = {m["name"]: m for m in vpeft.list_methods()}
-    for name in METHODS:
-        assert name in listed
-        assert listed[name]["family"] and listed[name]["paper"] and listed[name]["options"]
-        assert "vit" in listed[name]["backbones"] and vpeft.get_method(name).single_run  # in `bench --methods all`
-
-
-@pytest.mark.parametrize("method,backbone", CASES)
-def test_apply_or_refuse(method: str, backbone: str) -> None:
-    base = make_backbone(backbone)
-    if not applies(method, backbone):
-        with pytest.raises(UnsupportedBackboneError, match=method):
-            vpeft.apply(base, method)
-        return
-    model = vpeft.apply(base, method, **SPECS[method].options)
-    assert model(make_input()).shape == (2, NUM_CLASSES)
-    assert vpeft.count_trainable(model) > vpeft.count_trainable(model, include_head=False) > 0
-
-
-@pytest.mark.parametrize("method,backbone", [c for c in CASES if SPECS[c[0]].identity is not None])
-def test_identity_at_init(method: str, backbone: str) -> None:
-    if not applies(method, backbone):
-        pytest.skip("method does not apply to this backbone")
-    base, model = _apply(method, backbone, **SPECS[method].identity)
-    x = make_input()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("method,backbone", CASES)
-def test_one_step_changes_only_method_and_head(method: str, backbone: str) -> None:
-    if not applies(method, backbone):
-        pytest.skip("method does not apply to this backbone")
-    _, model = _apply(method, backbone)
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = vpeft.trainable_parameters(model)
-    opt = torch.optim.SGD(trainable.values(), lr=0.5)
-    loss = torch.nn.functional.cross_entropy(model(make_input(4)), torch.arange(4) % NUM_CLASSES)
-    loss.backward()
-    for name, p in model.named_parameters():
-        if name not in trainable:
-            assert p.grad is None, f"frozen parameter {name} received a gradient"
-    opt.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed <= set(trainable), f"frozen parameters changed: {sorted(changed - set(trainable))[:5]}"
-    assert changed & set(vpeft.trainable_parameters(model, include_head=False)), "no method parameter changed"
-
-
-@pytest.mark.parametrize("method,backbone", CASES)
-def test_save_load_round_trip(method: str, backbone: str, tmp_path) -> None:
-    if not applies(method, backbone):
-        pytest.skip("method does not apply to this backbone")
-    base, model = _apply(method, backbone)
-    _perturb_trainable(model)
-    vpeft.save_adapter(model, tmp_path)
-    from safetensors.torch import load_file
-
-    buffers = vpeft.get_method(method).saved_buffers(model)
-    assert set(load_file(str(tmp_path / "adapter.safetensors"))) == set(vpeft.trainable_parameters(model)) | set(
-        buffers
-    )
-    fresh = vpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
-    x = make_input()
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
-
-
-MERGEABLE = [m for m in METHODS if vpeft.get_method(m).mergeable]
-
-
-@pytest.mark.parametrize("method,backbone", [c for c in CASES if c[0] in MERGEABLE])
-def test_merge_equals_unmerged(method: str, backbone: str) -> None:
-    if not applies(method, backbone):
-        pytest.skip("method does not apply to this backbone")
-    base, model = _apply(method, backbone)
-    _perturb_trainable(model)
-    x = make_input()
-    with torch.no_grad():
-        expected = model(x)
-        vpeft.merge(model)
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        merged = model.state_dict()
-        assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in base.state_dict().items()}
-        reloaded = copy.deepcopy(base)
-        reloaded.load_state_dict(merged, strict=True)
-        torch.testing.assert_close(reloaded(x), expected, rtol=1e-5, atol=1e-5)
-        vpeft.unmerge(model)
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-        vpeft.merge(model)  # a second round trip starts from the restored weights
-        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("method", sorted(set(METHODS) - set(MERGEABLE)))
-def test_merge_refused_for_non_mergeable(method: str) -> None:
-    _, model = _apply(method, "vit")
-    with pytest.raises(vpeft.NotMergeableError, match="cannot be folded"):
-        vpeft.merge(model)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_small_vit_closed_form(method: str) -> None:
-    model = vpeft.apply(make_backbone("vit"), method)
-    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].small_vit
-
-
-@pytest.fixture(scope="module")
-def vit_b() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_vit_b16_count(method: str, vit_b: torch.nn.Module) -> None:
-    model = vpeft.apply(copy.deepcopy(vit_b), method)
-    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].vit_b
-    assert vpeft.count_trainable(model) == SPECS[method].vit_b + SPECS[method].head_in * 100 + 100
-
-
-@pytest.mark.parametrize("method", [m for m in METHODS if SPECS[m].small_swin is not None])
-def test_small_swin_closed_form(method: str) -> None:
-    model = vpeft.apply(make_backbone("swin"), method)
-    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].small_swin
-
-
-@pytest.fixture(scope="module")
-def swin_b() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=100)
-
-
-@pytest.mark.parametrize("method", [m for m in METHODS if SPECS[m].swin_b is not None])
-def test_swin_b_count(method: str, swin_b: torch.nn.Module) -> None:
-    model = vpeft.apply(copy.deepcopy(swin_b), method)
-    assert vpeft.count_trainable(model, include_head=False) == SPECS[method].swin_b
-
-
-# ---------------------------------------------------------------- side methods: no graph in the frozen part
-
-
-@pytest.mark.parametrize("method", [m for m in METHODS if SPECS[m].frozen_blocks])
-def test_side_method_builds_no_graph_in_frozen_blocks(method: str) -> None:
-    _, model = _apply(method, "vit")
-    model.train()
-    _perturb_trainable(model)
-    outputs: dict[int, torch.Tensor] = {}
-    fired: list[int] = []
-    for i, block in enumerate(model.blocks):
-        inner = block.base_layer
-        inner.register_forward_hook(lambda m, a, out, i=i: outputs.setdefault(i, out))
-        inner.register_full_backward_hook(lambda m, gi, go, i=i: fired.append(i))
-    model(make_input(4)).sum().backward()
-    for i in SPECS[method].frozen_blocks:
-        assert outputs[i].grad_fn is None and not outputs[i].requires_grad, f"block {i} built a graph"
-        assert i not in fired, f"backward ran through block {i}"
-    method_params = vpeft.trainable_parameters(model, include_head=False)
-    assert all(p.grad is not None for p in method_params.values()), "a method parameter got no gradient"
-
-
-# ---------------------------------------------------------------- method-specific behaviour
+from conftest import IMG, NUM_CLASSES, make_backbone, make_input
 
 
 def test_adapter_plus_matches_the_paper_formula() -> None:
-    base, model = _apply("adapter_plus", "vit")
-    _perturb_trainable(model)
+    base, model = apply_method("adapter_plus", "vit")
+    perturb_trainable(model)
     x = torch.randn(2, 17, D)
     block = model.blocks[0]
     with torch.no_grad():
@@ -338,8 +30,8 @@ def test_adapter_plus_matches_the_paper_formula() -> None:
 
 
 def test_adapter_plus_drop_path_drops_whole_samples() -> None:
-    _, model = _apply("adapter_plus", "vit", drop_path=0.5)
-    _perturb_trainable(model)
+    _, model = apply_method("adapter_plus", "vit", drop_path=0.5)
+    perturb_trainable(model)
     block = model.blocks[0].train()
     x = torch.randn(64, 17, D)
     torch.manual_seed(0)
@@ -354,7 +46,7 @@ def test_adapter_plus_drop_path_drops_whole_samples() -> None:
 
 
 def test_adapter_plus_houlsby_init_bounds() -> None:
-    _, model = _apply("adapter_plus", "vit")
+    _, model = apply_method("adapter_plus", "vit")
     adapter = model.blocks[0]
     for w in (adapter.down.weight, adapter.up.weight):
         assert w.abs().max() <= 0.02 and w.std() < 0.012
@@ -383,7 +75,7 @@ def test_dtl_matches_the_official_forward(method: str) -> None:
     base = make_backbone("vit")
     base.blocks = torch.nn.Sequential(*[copy.deepcopy(base.blocks[0]) for _ in range(4)])  # 4 blocks
     model = vpeft.apply(copy.deepcopy(base), method, join_from=1).eval()
-    _perturb_trainable(model)
+    perturb_trainable(model)
     x = make_input()
     with torch.no_grad():
         torch.testing.assert_close(model(x), _dtl_reference(base, model, x, join_from=1), rtol=1e-4, atol=1e-5)
@@ -403,8 +95,8 @@ def test_dtl_join_from_outside_the_model_is_refused() -> None:
 
 
 def test_hydra_matches_the_paper_formula() -> None:
-    _, model = _apply("hydra", "vit")
-    _perturb_trainable(model)
+    _, model = apply_method("hydra", "vit")
+    perturb_trainable(model)
     layer = model.blocks[0].mlp.fc2
     x = torch.randn(2, 17, HIDDEN)
     with torch.no_grad():
@@ -415,8 +107,8 @@ def test_hydra_matches_the_paper_formula() -> None:
 
 def test_hydra_merges_each_branch_against_its_own_layer() -> None:
     """The official merge folds the attention branch against mlp.fc2's weight; vpeft uses attn.proj's."""
-    _, model = _apply("hydra", "vit")
-    _perturb_trainable(model)
+    _, model = apply_method("hydra", "vit")
+    perturb_trainable(model)
     proj = model.blocks[0].attn.proj
     w0 = proj.base_layer.weight.detach().clone()
     with torch.no_grad():
@@ -429,7 +121,7 @@ def test_hydra_merges_each_branch_against_its_own_layer() -> None:
 
 
 def test_vfpt_fourier_prompts_follow_the_official_transform() -> None:
-    _, model = _apply("vfpt", "vit", num_tokens=6, fourier_fraction=0.5)
+    _, model = apply_method("vfpt", "vit", num_tokens=6, fourier_fraction=0.5)
     block = model.blocks[1]
     p = block.prompt
     expected = torch.fft.fft(torch.fft.fft(p[:, :3], dim=-1), dim=-2).real  # FNetBlock: hidden, then sequence
@@ -460,8 +152,8 @@ GLORA_CONFIGS = [
 @pytest.mark.parametrize("options", GLORA_CONFIGS)
 def test_glora_matches_the_official_layer(options: dict) -> None:
     """W' = W + W * A + B, b' = b + b * D + E + W C, as the code's SuperScalableLinear (its X_d, X_u slices)."""
-    _, model = _apply("glora", "vit", **options)
-    _perturb_trainable(model)
+    _, model = apply_method("glora", "vit", **options)
+    perturb_trainable(model)
     layer = model.blocks[0].mlp.fc1
     w, b = layer.base_layer.weight, layer.base_layer.bias
 
@@ -481,8 +173,8 @@ def test_glora_matches_the_official_layer(options: dict) -> None:
 
 @pytest.mark.parametrize("options", GLORA_CONFIGS)
 def test_glora_merge_any_configuration(options: dict) -> None:
-    base, model = _apply("glora", "vit", **options)
-    _perturb_trainable(model)
+    base, model = apply_method("glora", "vit", **options)
+    perturb_trainable(model)
     x = make_input()
     with torch.no_grad():
         expected = model(x)
@@ -495,8 +187,8 @@ def test_glora_merge_any_configuration(options: dict) -> None:
 
 def test_utuning_tuners_read_the_operation_input() -> None:
     """x' = OP(x) + U(x) with OP = attention, MLP (inputs after their norms) and the whole block."""
-    base, model = _apply("utuning", "vit", ops=["attn", "mlp", "block"])
-    _perturb_trainable(model)
+    base, model = apply_method("utuning", "vit", ops=["attn", "mlp", "block"])
+    perturb_trainable(model)
     x = torch.randn(2, 17, D)
     wrapped, ref = model.blocks[0], base.blocks[0]
     inner = wrapped.base_layer
@@ -511,7 +203,7 @@ def test_utuning_tuners_read_the_operation_input() -> None:
 
 def test_snf_block_matches_the_official_forward_and_gradients() -> None:
     """x = f1(x) + Attn(LN1(x)); x = f2(x) + MLP(LN2(x)), f = planar flows after an affine map, step by step."""
-    base, model = _apply("snf", "vit", init_bound=0.3)
+    base, model = apply_method("snf", "vit", init_bound=0.3)
     with torch.no_grad():
         for block in model.blocks:
             for flow in (block.flow1, block.flow2):
@@ -532,7 +224,7 @@ def test_snf_block_matches_the_official_forward_and_gradients() -> None:
 
 
 def test_snf_starts_close_to_the_backbone() -> None:
-    base, model = _apply("snf", "vit")
+    base, model = apply_method("snf", "vit")
     x = make_input()
     with torch.no_grad():
         assert 0 < (model(x) - base(x)).abs().max() < 0.05
@@ -546,8 +238,8 @@ def test_snf_refuses_other_block_types() -> None:
 @pytest.mark.parametrize("slots", ["kv", "qkv", "qv"])
 def test_bapat_shifts_keys_and_values_as_the_official_attention(slots: str) -> None:
     """q, k, v of the block, then k += s dK, v += s dV with [dK, dV] = up(tanh(down(x))), attention as usual."""
-    base, model = _apply("bapat", "vit", attn_slots=slots)
-    _perturb_trainable(model)
+    base, model = apply_method("bapat", "vit", attn_slots=slots)
+    perturb_trainable(model)
     qkv = model.blocks[0].attn.qkv
     ref = base.blocks[0].attn
     x = torch.randn(2, 17, D)
@@ -569,8 +261,8 @@ def test_bapat_shifts_keys_and_values_as_the_official_attention(slots: str) -> N
 @pytest.mark.parametrize("share_kv", [True, False])
 def test_e2vpt_attention_over_key_value_prompts(share_kv: bool) -> None:
     """Per head, attention over [P_k; K] and [P_v; V] (P_k = P_v when shared), as the code's changeVK attention."""
-    base, model = _apply("e2vpt", "vit", share_kv=share_kv, kv_tokens=3, visual_tokens=0)
-    _perturb_trainable(model)
+    base, model = apply_method("e2vpt", "vit", share_kv=share_kv, kv_tokens=3, visual_tokens=0)
+    perturb_trainable(model)
     bank, ref = model.vpeft_e2vpt, base.blocks[0].attn
     x = torch.randn(2, 17, D)
     h, hd = ref.num_heads, ref.head_dim
@@ -587,7 +279,7 @@ def test_e2vpt_attention_over_key_value_prompts(share_kv: bool) -> None:
 
 
 def test_e2vpt_visual_prompts_sit_after_the_prefix_tokens() -> None:
-    _, model = _apply("e2vpt", "vit_reg_cls", visual_tokens=4)
+    _, model = apply_method("e2vpt", "vit_reg_cls", visual_tokens=4)
     seen = {}
     model.blocks[1].base_layer.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))
     with torch.no_grad():
@@ -655,7 +347,7 @@ def _hst_reference(model: torch.nn.Module, base: torch.nn.Module, x: torch.Tenso
 def test_hst_matches_the_official_forward() -> None:
     base = _four_block_vit()
     model = vpeft.apply(copy.deepcopy(base), "hst", depths=[1, 1, 1, 1]).eval()
-    _perturb_trainable(model)
+    perturb_trainable(model)
     assert model.vpeft_hst.reads == [0, 1, 2, 3]
     x = make_input()
     with torch.no_grad():
@@ -663,7 +355,7 @@ def test_hst_matches_the_official_forward() -> None:
 
 
 def test_hst_trains_the_block_norms_and_not_the_unused_backbone_parts() -> None:
-    _, model = _apply("hst", "vit_reg_avg")
+    _, model = apply_method("hst", "vit_reg_avg")
     trainable = vpeft.trainable_parameters(model, include_head=False)
     norms = {n for n in trainable if n.startswith("blocks.")}
     assert norms == {
@@ -690,14 +382,14 @@ def test_hst_side_blocks_read_every_block_of_other_depths() -> None:
 
 
 def test_hst_meta_tokens_are_xavier_uniform() -> None:
-    _, model = _apply("hst", "vit")
+    _, model = apply_method("hst", "vit")
     bound = math.sqrt(6 / (2 * D))  # fan_in = fan_out = D for each (1, 1, D) token, as the official init
     meta = model.vpeft_hst.meta
     assert meta.abs().max() <= bound and meta.abs().max() > 0.8 * bound
 
 
 def test_hst_batchnorm_statistics_are_saved_with_the_adapter(tmp_path) -> None:
-    base, model = _apply("hst", "vit")
+    base, model = apply_method("hst", "vit")
     model.train()
     with torch.no_grad():
         model(make_input(4, seed=5))
@@ -713,7 +405,7 @@ def test_hst_batchnorm_statistics_are_saved_with_the_adapter(tmp_path) -> None:
 
 def test_hst_every_trainable_tensor_gets_a_gradient() -> None:
     """The meta tokens of every block, the block norms, the bridges, the stem: all reached by the loss."""
-    _, model = _apply("hst", "vit")
+    _, model = apply_method("hst", "vit")
     model.train()
     torch.nn.functional.cross_entropy(model(make_input(4)), torch.arange(4) % NUM_CLASSES).backward()
     missing = [n for n, p in vpeft.trainable_parameters(model).items() if p.grad is None or not p.grad.any()]
@@ -722,14 +414,14 @@ def test_hst_every_trainable_tensor_gets_a_gradient() -> None:
 
 def test_hst_trains_on_a_batch_of_one() -> None:
     """BatchNorm1d has no batch statistics for one sample; the running ones stand in (a dataset's last batch)."""
-    _, model = _apply("hst", "vit")
+    _, model = apply_method("hst", "vit")
     model.train()
     model(make_input(1)).sum().backward()
     assert model.vpeft_hst.head_norm.num_batches_tracked == 0
 
 
 def test_hst_multiscale_features_are_a_stride_4_to_32_pyramid() -> None:
-    _, model = _apply("hst", "vit")
+    _, model = apply_method("hst", "vit")
     maps = model.vpeft_hst.multiscale_features(make_input())
     assert [tuple(m.shape) for m in maps] == [
         (2, c, IMG // s, IMG // s) for c, s in zip((32, 48, 64, 72), (4, 8, 16, 32), strict=True)
@@ -739,7 +431,7 @@ def test_hst_multiscale_features_are_a_stride_4_to_32_pyramid() -> None:
 
 
 def test_hst_patch_embedding_keeps_its_attributes() -> None:
-    base, model = _apply("hst", "vit")
+    base, model = apply_method("hst", "vit")
     assert model.patch_embed.grid_size == base.patch_embed.grid_size
     assert model.patch_embed.patch_size == base.patch_embed.patch_size
 
@@ -766,7 +458,7 @@ def _last_reference(model: torch.nn.Module, base: torch.nn.Module, x: torch.Tens
 def test_last_matches_the_paper_formula(heads: int) -> None:
     base = _four_block_vit()
     model = vpeft.apply(copy.deepcopy(base), "last", heads=heads).eval()
-    _perturb_trainable(model)
+    perturb_trainable(model)
     x = make_input()
     with torch.no_grad():
         torch.testing.assert_close(model(x), _last_reference(model, base, x), rtol=1e-4, atol=1e-5)
@@ -774,7 +466,7 @@ def test_last_matches_the_paper_formula(heads: int) -> None:
 
 def test_last_zero_output_projections_start_from_the_backbone() -> None:
     """Our init (the paper states none): zero output projections, so step 0 is the backbone."""
-    base, model = _apply("last", "vit")
+    base, model = apply_method("last", "vit")
     x = make_input()
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=1e-6)
@@ -797,7 +489,7 @@ def test_lorand_kernel_sharing(shared: bool) -> None:
     assert torch.equal(adapter.up.factors()[1], adapter.down.factors()[1]) == shared
     kernels = [k for k in model.state_dict() if k.endswith("Kt")]
     assert len(kernels) == (1 if shared else 2) * 2 * 2  # per adapter, 2 adapters per block, 2 blocks
-    assert vpeft.count_trainable(model, include_head=False) == _lorand(SMALL_SWIN, shared=shared)
+    assert vpeft.count_trainable(model, include_head=False) == lorand_count(SMALL_SWIN, shared=shared)
     if shared:
         model.train()
         model(make_input()).sum().backward()
@@ -821,7 +513,7 @@ def test_lorand_layer_is_the_sum_of_branch_products() -> None:
 @pytest.mark.parametrize("backbone", ["vit", "swin"])
 def test_lorand_adapts_the_attention_and_mlp_outputs(backbone: str) -> None:
     """h -> h + W_up(GELU(W_down h)) on each sub-block's output h, W = sum_i P_i K_i Q_i."""
-    base, model = _apply("lorand", backbone)
+    base, model = apply_method("lorand", backbone)
     parts = vpeft.describe(base).blocks[0]
     x = torch.randn(2, 16, parts.dim)  # 16 tokens: one 4 x 4 window of the small Swin
     for role in ("attn", "mlp"):
@@ -867,8 +559,8 @@ def _e3va_reference(base: torch.nn.Module, model: torch.nn.Module, x: torch.Tens
 
 @pytest.mark.parametrize("backbone", ["vit", "swin"])
 def test_e3va_matches_the_highway_formula(backbone: str) -> None:
-    base, model = _apply("e3va", backbone)
-    _perturb_trainable(model)  # the final norm too
+    base, model = apply_method("e3va", backbone)
+    perturb_trainable(model)  # the final norm too
     x = make_input()
     with torch.no_grad():
         expected, stages = _e3va_reference(base, model, x)
@@ -884,7 +576,7 @@ def test_e3va_matches_the_highway_formula(backbone: str) -> None:
 
 def test_e3va_swin_runs_every_block_without_autograd() -> None:
     """No Swin block builds a graph or sees a backward pass; every adapter still gets its gradient."""
-    _, model = _apply("e3va", "swin")
+    _, model = apply_method("e3va", "swin")
     model.train()
     outputs: dict[str, torch.Tensor] = {}
     fired: list[str] = []
@@ -906,4 +598,4 @@ def test_e3va_trains_the_adapters_and_optionally_the_final_norm(train_norm: bool
     model = vpeft.apply(make_backbone("swin"), "e3va", train_norm=train_norm)
     names = set(vpeft.trainable_parameters(model, include_head=False))
     assert {n for n in names if "adapter" not in n} == ({"norm.weight", "norm.bias"} if train_norm else set())
-    assert vpeft.count_trainable(model, include_head=False) == _lorand(SMALL_SWIN) + train_norm * 2 * 32
+    assert vpeft.count_trainable(model, include_head=False) == lorand_count(SMALL_SWIN) + train_norm * 2 * 32

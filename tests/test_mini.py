@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import vpeft
-from vpeft.assets.mini import GROUPS, load_mini_task, mini_task_names, suite_sheet, vit_mini_card
-from vpeft.backbones import create_backbone
+from vpeft.backbones.create import create_backbone
+from vpeft.backbones.vit import VIT_PARTS
+from vpeft.backbones.vit_mini import vit_mini_card
 from vpeft.cli import main
 from vpeft.data import ImageDataset, build_transform, input_config, load_task
+from vpeft.data.mini import GROUPS, load_mini_task, mini_task_names, suite_sheet
 
 TASKS = mini_task_names()
 
@@ -95,7 +97,7 @@ def test_pretrained_features_beat_chance(name: str) -> None:
     assert acc > 1.5 / task.num_classes, f"{name}: {acc:.3f}"
 
 
-METHODS = [m["name"] for m in vpeft.list_methods() if "vit" in m["backbones"]]
+METHODS = [m["name"] for m in vpeft.list_methods() if set(m["requires"]) <= VIT_PARTS]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -123,7 +125,7 @@ def test_efficientnet_lite0_extra() -> None:
 
     from PIL import Image
 
-    from vpeft.assets.efficientnet import convert_state_dict, weights_path
+    from vpeft.backbones.efficientnet_lite import convert_state_dict, weights_path
 
     model = create_backbone("vpeft/efficientnet-lite0", num_classes=5).eval()
     assert vpeft.describe(model).architecture == "vpeft/efficientnet-lite0"

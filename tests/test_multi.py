@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vpeft
+from vpeft.backbones.vit import VIT_PARTS
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.multi import BASE, MultiAdapterModel
 
@@ -19,7 +20,7 @@ SHAREABLE = [m for m in METHODS if vpeft.get_method(m).shareable]
 STAGED = {m for m in METHODS if vpeft.get_method(m).stage and not vpeft.get_method(m).prepared(vpeft.make_config(m))}
 #: (method, backbone) pairs beyond the ViT column: one per family where the method applies
 EXTRA = [("lora", "swin"), ("lora", "resnet"), ("ssf", "convnext"), ("bitfit", "efficientnet"), ("adapter", "swin")]
-CASES = [(m, "vit") for m in SHAREABLE if "vit" in vpeft.get_method(m).backbones] + EXTRA
+CASES = [(m, "vit") for m in SHAREABLE if vpeft.get_method(m).requires <= VIT_PARTS] + EXTRA
 
 
 def stage_data(num_classes: int, n: int = 8) -> torch.utils.data.TensorDataset:

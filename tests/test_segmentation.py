@@ -211,7 +211,7 @@ def test_unknown_spec_and_options_are_refused(tmp_path) -> None:
 def test_mini_dense_segmentation_masks_match_the_coco_instances() -> None:
     import json
 
-    from vpeft.assets.mini_dense import CLASSES, mini_dense_root
+    from vpeft.data.mini_dense import CLASSES, mini_dense_root
 
     task = SEG.load_task("mini-dense:segmentation")
     assert task.num_classes == len(CLASSES) == 6 and task.class_names == list(CLASSES)

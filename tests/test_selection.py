@@ -20,6 +20,7 @@ import torch
 
 import vpeft
 from datagen import make_vtab_task
+from vpeft.backbones.create import create_backbone
 from vpeft.methods.base import StageData
 from vpeft.methods.gps import supcon_loss
 from vpeft.methods.spt import candidates
@@ -243,7 +244,7 @@ def test_run_does_stage_then_training(vtab_task, tmp_path, method: str, monkeypa
     assert saved["options"]["selection"]
     assert record["options"]["selection"].startswith("sha256:")  # the record keeps a digest, the adapter the lists
     torch.manual_seed(0)  # the run's seed: the same random backbone
-    fresh = vpeft.backbones.create_backbone("vit_tiny_patch16_224", 4, pretrained=False, **TINY_VIT)
+    fresh = create_backbone("vit_tiny_patch16_224", 4, pretrained=False, **TINY_VIT)
     model = vpeft.load_adapter(fresh, tmp_path / "run")
     assert vpeft.count_trainable(model, include_head=False) == record["trainable_params"]
 

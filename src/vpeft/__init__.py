@@ -1,7 +1,6 @@
 """vpeft: parameter-efficient fine-tuning for pre-trained timm vision backbones."""
 
 import vpeft.train.trainer  # noqa: F401  (registers the trainer that method stages train with)
-from vpeft.anatomy import Anatomy, describe
 from vpeft.api import (
     apply,
     count_parameters,
@@ -16,6 +15,8 @@ from vpeft.api import (
     trainable_parameters,
     unmerge,
 )
+from vpeft.backbones.anatomy import Anatomy
+from vpeft.backbones.registry import describe
 from vpeft.errors import (
     AdapterMismatchError,
     ConfigError,

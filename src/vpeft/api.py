@@ -14,7 +14,8 @@ from torch import nn
 
 import vpeft.methods  # noqa: F401  (registers every method)
 from vpeft.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT_VERSION, legacy_defaults, read_folder_config
-from vpeft.anatomy import backbone_identity, describe
+from vpeft.backbones.anatomy import backbone_identity
+from vpeft.backbones.registry import describe
 from vpeft.errors import AdapterMismatchError, VPeftError
 from vpeft.files import atomic_write
 from vpeft.hub import resolve_adapter
@@ -209,14 +210,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """Every registered method: name, family, paper, backbones, mergeable, options with help."""
+    """Every registered method: name, family, paper, requires (backbone parts), mergeable, options with help."""
     return [
         {
             "name": m.name,
             "family": m.family,
             "paper": m.paper,
-            "backbones": list(m.backbones),
-            "backbone_notes": dict(getattr(m, "backbone_notes", {})),
+            "requires": sorted(m.requires),
             "mergeable": m.mergeable,
             "options": m.config_class.option_help(),
         }

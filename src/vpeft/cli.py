@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import vpeft
+from vpeft.backbones.vit import VIT_PARTS
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.tasks import DEFAULT_TASK_TYPE
 
@@ -21,17 +22,14 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def _backbones_cell(method: dict) -> str:
-    notes = method.get("backbone_notes", {})
-    return ", ".join(f"{b} ({notes[b].split(':')[0]})" if b in notes else b for b in method["backbones"])
+def _requires_cell(method: dict) -> str:
+    return ", ".join(method["requires"]) or "any"
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     methods = vpeft.list_methods()
-    rows = [
-        [m["name"], m["family"], m["paper"], _backbones_cell(m), "yes" if m["mergeable"] else "no"] for m in methods
-    ]
-    print(format_table(rows, ["method", "family", "paper", "backbones", "mergeable"]))
+    rows = [[m["name"], m["family"], m["paper"], _requires_cell(m), "yes" if m["mergeable"] else "no"] for m in methods]
+    print(format_table(rows, ["method", "family", "paper", "backbone parts", "mergeable"]))
     if args.options:
         for m in methods:
             print(f"\n{m['name']}:")
@@ -43,7 +41,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     import copy
 
-    from vpeft.backbones import create_backbone
+    from vpeft.backbones.create import create_backbone
 
     base = create_backbone(args.model, args.num_classes, pretrained=False)  # built once, copied per method
     total = vpeft.count_parameters(base)
@@ -274,7 +272,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
     if args.suite == "mini":
-        from vpeft.assets.mini import suite_sheet
+        from vpeft.data.mini import suite_sheet
 
         sheet = suite_sheet()
         rows = [[name, t["group"], t["num_classes"], t["sizes"]["train"], t["sizes"]["val"], t["sizes"]["test"],
@@ -307,11 +305,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, args.root, _csv(args.tasks) or None)
     methods = _csv(args.methods) or suite.defaults["methods"]
-    if methods == ["all"]:  # every registered method for the backbone's family (ViT for the suites' models)
+    if methods == ["all"]:  # every registered method a timm ViT (the suites' models) has the parts for
         methods = [
             m["name"]
             for m in vpeft.list_methods()
-            if "vit" in m["backbones"] and vpeft.get_method(m["name"]).single_run
+            if set(m["requires"]) <= VIT_PARTS and vpeft.get_method(m["name"]).single_run
         ]
     for m in methods:
         vpeft.get_method(m)  # unknown method: error listing the valid ones

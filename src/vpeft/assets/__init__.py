@@ -1,1 +1,1 @@
-"""Assets shipped inside the package: the mini suite and the pre-trained mini ViT."""
+"""Data files shipped inside the package, read with importlib.resources: the mini suite, the mini ViT weights and card."""

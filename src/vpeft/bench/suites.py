@@ -63,7 +63,7 @@ def load_suite(name: str, root: str | None = None, tasks: list[str] | None = Non
     if name in LISTED_SUITES:
         return _listed_suite(name, defaults, root, tasks)
     if name == "mini":
-        from vpeft.assets.mini import suite_sheet
+        from vpeft.data.mini import suite_sheet
 
         sheet = suite_sheet()["tasks"]
         all_tasks = [SuiteTask(t, info["group"], f"mini:{t}") for t, info in sheet.items()]

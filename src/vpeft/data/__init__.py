@@ -13,6 +13,7 @@ from vpeft.data.datasets import (
     load_vtab1k,
     register_loader,
 )
+from vpeft.data.mini import load_mini_task, mini_task_names, suite_sheet  # registers the "mini" loader
 from vpeft.data.transforms import PRESETS, InputConfig, build_transform, input_config, is_deterministic
 
 __all__ = [
@@ -29,7 +30,10 @@ __all__ = [
     "is_deterministic",
     "load_fgvc",
     "load_folder",
+    "load_mini_task",
     "load_task",
     "load_vtab1k",
+    "mini_task_names",
     "register_loader",
+    "suite_sheet",
 ]

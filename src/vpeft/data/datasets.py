@@ -209,8 +209,6 @@ LOADERS: dict[str, Callable[..., Task]] = {"vtab1k": load_vtab1k, "fgvc": load_f
 
 def load_task(spec: str, num_classes: int | None = None) -> Task:
     """Parse a dataset spec ``kind:path`` and load the task."""
-    import vpeft.assets.mini  # noqa: F401  (registers the embedded mini suite as "mini")
-
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise DataError(f"dataset spec '{spec}' should be kind:path, with kind one of {', '.join(LOADERS)}")

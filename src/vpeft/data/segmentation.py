@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from vpeft.data.datasets import DataError
+from vpeft.data.mini_dense import mini_dense_root
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -216,12 +217,22 @@ def load_mask_folder(path: str, num_classes: int | None = None, *, kind: str = "
 LOADERS: dict[str, Callable[..., SegTask]] = {"ade20k": load_ade20k, "vocseg": load_vocseg, "masks": load_mask_folder}
 
 
+def load_mini_dense_segmentation(task: str, num_classes: int | None = None) -> SegTask:
+    """``mini-dense:segmentation``: the mini dense suite's class maps (6 classes with background)."""
+    if task != "segmentation":
+        raise DataError(
+            f"'mini-dense:{task}' is not a segmentation task; the mini dense suite has: "
+            "mini-dense:segmentation (task type segmentation), mini-dense:detection (task type detection)"
+        )
+    seg = load_mask_folder(str(mini_dense_root()), num_classes, kind="mini-dense")
+    seg.name = "mini-seg"
+    return seg
+
+
 def load_seg_task(spec: str, num_classes: int | None = None) -> SegTask:
     """A segmentation data spec ``kind:path`` -> its task."""
     kind, sep, path = spec.partition(":")
     if kind == "mini-dense":
-        from vpeft.assets.mini_dense import load_mini_dense_segmentation
-
         return load_mini_dense_segmentation(path, num_classes)
     if not sep or not path or kind not in LOADERS:
         raise DataError(

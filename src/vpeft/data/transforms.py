@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from vpeft.backbones.registry import input_config as family_input_config
 from vpeft.errors import ConfigError
 
 PRESETS = ("vtab", "fgvc")
@@ -32,19 +33,9 @@ class InputConfig:
 
 
 def input_config(model: nn.Module) -> InputConfig:
-    """Input size, mean, std and interpolation from timm's data config of ``model``.
-
-    The size is the model's own when it has one (a ViT built with ``img_size=32`` expects 32 px,
-    whatever its pretrained config says).
-    """
-    from timm.data import resolve_model_data_config
-
-    cfg = resolve_model_data_config(model)
-    size = tuple(cfg["input_size"][1:])
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        size = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-    return InputConfig(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"])
+    """Input size, mean, std and interpolation of ``model``, as its backbone family gives them
+    (by default timm's data config, with the model's own size where it has one)."""
+    return InputConfig(**family_input_config(model))
 
 
 def _interp(name: str) -> T.InterpolationMode:

@@ -18,8 +18,9 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from vpeft.anatomy import Anatomy, describe
 from vpeft.api import get_state
+from vpeft.backbones.anatomy import Anatomy
+from vpeft.backbones.registry import describe
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 
 #: pyramid levels the dense heads read
@@ -70,7 +71,7 @@ class DenseEncoder(nn.Module):
             raise UnsupportedBackboneError(
                 f"{type(backbone).__name__} has no forward_intermediates(); upgrade timm (>= 1.0) for dense tasks"
             )
-        if anatomy.family == "vit":
+        if "stages" not in anatomy.parts:  # a columnar ViT: build a simple feature pyramid
             patch = (anatomy.patch_size or (16, 16))[0]
             if patch % 4:
                 raise UnsupportedBackboneError(

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -99,7 +99,7 @@ class Adapter(Method):
     name = "adapter"
     family = "addition/adapter"
     paper = "Houlsby et al., ICML 2019 (arXiv 1902.00751); Pfeiffer et al., EACL 2021 (arXiv 2005.00247)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = AdapterConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: AdapterConfig) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -101,7 +101,7 @@ class AdapterPlus(Method):
     name = "adapter_plus"
     family = "addition/adapter"
     paper = "Steitz and Roth, Adapters Strike Back, CVPR 2024 (arXiv 2406.06820)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = AdapterPlusConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: AdapterPlusConfig) -> None:

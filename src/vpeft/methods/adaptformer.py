@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -54,7 +54,7 @@ class AdaptFormer(Method):
     name = "adaptformer"
     family = "addition/adapter"
     paper = "Chen et al., AdaptFormer, NeurIPS 2022 (arXiv 2205.13535)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = AdaptFormerConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: AdaptFormerConfig) -> None:

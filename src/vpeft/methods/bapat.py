@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -112,7 +112,7 @@ class BAPAT(Method):
     name = "bapat"
     family = "addition/prefix"
     paper = "Yu et al., Towards a Unified View on Visual PETL (PATT), arXiv 2210.00788"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "mlp"})
     config_class = BAPATConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: BAPATConfig) -> None:

@@ -2,7 +2,7 @@
 
 A method is a :class:`Method` subclass in its own file, decorated with :func:`register`. It
 declares a :class:`MethodConfig` dataclass (every field carries ``help`` metadata), the backbone
-families it applies to, and implements :meth:`Method.inject`, which changes a model whose
+parts it requires (:attr:`Method.requires`), and implements :meth:`Method.inject`, which changes a model whose
 parameters are already all frozen.
 
 Lifecycle. A method may read data before it is injected (GPS's gradients, SPT's sensitivity,
@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import convert_options
 from vpeft.data.transforms import input_config
 from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError, VPeftError
@@ -76,7 +76,8 @@ class Method:
     name: ClassVar[str]
     family: ClassVar[str]  # taxonomy: "addition/adapter", "partial/reparameterization", ...
     paper: ClassVar[str]
-    backbones: ClassVar[tuple[str, ...]]  # anatomy families it applies to
+    #: backbone parts it needs, in the vocabulary of :data:`vpeft.backbones.anatomy.PARTS`
+    requires: ClassVar[frozenset[str]] = frozenset()
     mergeable: ClassVar[bool] = False
     #: whether the method trains the whole model itself (full fine-tuning)
     trains_everything: ClassVar[bool] = False
@@ -120,10 +121,13 @@ class Method:
         return {}
 
     def check_backbone(self, anatomy: Anatomy) -> None:
-        if anatomy.family not in self.backbones:
+        """Refuse a backbone that lacks a part this method :attr:`requires`, naming the missing parts."""
+        missing = self.requires - anatomy.parts
+        if missing:
             raise UnsupportedBackboneError(
-                f"method '{self.name}' does not apply to {anatomy.architecture} (a {anatomy.family} "
-                f"backbone); it applies to: {', '.join(self.backbones)}"
+                f"method '{self.name}' does not apply to {anatomy.architecture} (a {anatomy.family} backbone): "
+                f"it needs the parts {', '.join(sorted(self.requires))}; the backbone lacks {', '.join(sorted(missing))} "
+                f"(it has: {', '.join(sorted(anatomy.parts)) or 'none'})"
             )
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig) -> None:
@@ -275,7 +279,7 @@ def token_embedding(
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[nn.Module]] | None:
     """A token backbone's input embedding (patch embedding, position embedding and prefix tokens, pre-norm) as
     a function of the image, with the modules it runs; None when the backbone has no such embedding."""
-    if anatomy.family != "vit" or not hasattr(model, "_pos_embed"):
+    if "tokens" not in anatomy.parts or not hasattr(model, "_pos_embed"):
         return None
 
     def embed(x: torch.Tensor) -> torch.Tensor:

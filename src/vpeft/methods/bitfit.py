@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, register
 
@@ -25,7 +25,7 @@ class BitFit(Method):
     name = "bitfit"
     family = "partial/specification"
     paper = "Ben Zaken et al., BitFit, ACL 2022 (arXiv 2106.10199)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True  # the trained biases are the backbone's own parameters
     config_class = BitFitConfig
 

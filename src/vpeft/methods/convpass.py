@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -113,7 +113,7 @@ class Convpass(Method):
     name = "convpass"
     family = "addition/adapter"
     paper = "Jie and Deng, Convpass, 2022 (arXiv 2207.07039)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "token_grid_2d", "attention", "mlp"})
     config_class = ConvpassConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: ConvpassConfig) -> None:

@@ -20,13 +20,12 @@ matmul on drop(x) whose (m/n - 1) W + (m/n) s B A weight is built per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, register, replace_module
 from vpeft.methods.lora import LoRAConfig, LoRALinear
@@ -200,9 +199,8 @@ class DoRA(Method):
     name = "dora"
     family = "partial/reparameterization"
     paper = "Liu et al., DoRA, ICML 2024 (arXiv 2402.09353)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset({"mlp"})
     #: where a family is only partly covered
-    backbone_notes: ClassVar[dict[str, str]] = {"cnn": "ConvNeXt only: CNNs whose blocks have Linear layers"}
     mergeable = True
     config_class = DoRAConfig
 

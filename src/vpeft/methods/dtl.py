@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -146,7 +146,7 @@ class DTLBlock(BaseLayerWrapper):
 class _DTL(Method):
     family = "addition/side"
     paper = "Fu et al., DTL: Disentangled Transfer Learning for Visual Recognition, AAAI 2024 (arXiv 2312.07856)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     plus = False
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: DTLConfig) -> None:

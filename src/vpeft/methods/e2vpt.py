@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, Stage, StageData, register, replace_module
@@ -185,7 +185,7 @@ class E2VPT(Method):
     name = "e2vpt"
     family = "addition/prompt"
     paper = "Han et al., E2VPT, ICCV 2023 (arXiv 2307.13770)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "qkv_fused", "attn_proj"})
     config_class = E2VPTConfig
     stage = Stage("pruning", "train", "a first training, then token and segment importance |dL/d mask| on it")
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, register, replace_module
@@ -141,7 +141,7 @@ class E3VA(Method):
         "Yin et al., Parameter-efficient is not sufficient: Exploring Parameter, Memory, and Time Efficient "
         "Adapter Tuning for Dense Predictions, ACM MM 2024 (arXiv 2306.09729)"
     )
-    backbones = ("swin", "vit")
+    requires = frozenset({"attention", "mlp"})
     config_class = E3VAConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: E3VAConfig) -> None:
@@ -152,7 +152,7 @@ class E3VA(Method):
                 raise ConfigError(f"e3va: block {block.name} has no norm before its MLP; E3VA needs both branches")
             module = model.get_submodule(block.name)
             norm2 = block.norm2[len(block.name) + 1 :]
-            if anatomy.family == "swin" and block.name.endswith(".blocks.0"):
+            if "stages" in anatomy.parts and block.name.endswith(".blocks.0"):
                 down = _downsample_of(model, block.name)
                 if down is not None:
                     replace_module(model, down, E3VADownsample(model.get_submodule(down), path))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import DeltaWeightWrapper, Method, MethodConfig, register, replace_module
@@ -174,7 +174,7 @@ class FacTLinear(DeltaWeightWrapper):
 class _FacT(Method):
     family = "partial/reparameterization"
     paper = "Jie and Deng, FacT, AAAI 2023 (arXiv 2212.03145)"
-    backbones = ("vit",)
+    requires = frozenset({"isotropic", "qkv_fused", "attn_proj", "mlp"})
     mergeable = True
     tucker = False
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.methods.base import Method, MethodConfig, register
 
 
@@ -20,7 +20,7 @@ class FullFineTuning(Method):
     name = "full"
     family = "baseline"
     paper = "baseline (all parameters trained)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True  # nothing to fold: the weights are the backbone's own
     trains_everything = True
     shareable = False

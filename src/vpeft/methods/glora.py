@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
@@ -295,7 +295,7 @@ class GLoRA(Method):
     name = "glora"
     family = "unified"
     paper = "Chavan et al., One-for-All: Generalized LoRA, 2023 (arXiv 2306.07967)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     mergeable = True
     config_class = GLoRAConfig
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.data.transforms import input_config
 from vpeft.errors import ConfigError
@@ -141,7 +141,7 @@ class GPS(Method):
     name = "gps"
     family = "partial/specification"
     paper = "Zhang et al., Gradient-based Parameter Selection (GPS), CVPR 2024 (arXiv 2312.10136)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True
     config_class = GPSConfig
     stage = Stage("gradients", "train", "one pass of supervised-contrastive gradients over the training split")

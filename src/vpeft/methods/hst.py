@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -310,7 +310,7 @@ class HST(Method):
     name = "hst"
     family = "addition/side"
     paper = "Lin et al., Hierarchical Side-Tuning for Vision Transformers, arXiv 2310.05393"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "token_grid_2d"})
     config_class = HSTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: HSTConfig) -> None:

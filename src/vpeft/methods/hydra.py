@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -125,7 +125,7 @@ class Hydra(Method):
     name = "hydra"
     family = "partial/reparameterization"
     paper = "Kim et al., Hydra: Multi-head Low-rank Adaptation, 2023 (arXiv 2309.06922)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attn_proj", "mlp"})
     mergeable = True
     config_class = HydraConfig
 

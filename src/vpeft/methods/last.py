@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -108,7 +108,7 @@ class LAST(Method):
     name = "last"
     family = "addition/side"
     paper = "Tang et al., Low-rank Attention Side-Tuning for PEFT, arXiv 2402.04009 (no public code)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "attention"})
     config_class = LASTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LASTConfig) -> None:

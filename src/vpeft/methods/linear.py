@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.methods.base import Method, MethodConfig, PrefixSplit, register
 
 
@@ -20,7 +20,7 @@ class LinearProbe(Method):
     name = "linear"
     family = "partial/specification"
     paper = "baseline (frozen backbone, trained head)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True  # nothing to fold
     config_class = LinearConfig
 

@@ -7,11 +7,10 @@ Basu et al., "Strong Baselines for Parameter Efficient Few-Shot Fine-tuning", AA
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, backbone_modules, register
 
@@ -26,9 +25,8 @@ class LNTune(Method):
     name = "ln_tune"
     family = "partial/specification"
     paper = "Basu et al., Strong Baselines for PEFT Few-Shot Fine-tuning, AAAI 2024 (arXiv 2304.01917)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset({"layernorm"})
     #: where a family is only partly covered
-    backbone_notes: ClassVar[dict[str, str]] = {"cnn": "ConvNeXt only: CNNs built with LayerNorm"}
     mergeable = True  # the trained parameters are the backbone's own
     config_class = LNTuneConfig
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
@@ -170,7 +170,7 @@ class LoRA(Method):
     name = "lora"
     family = "partial/reparameterization"
     paper = "Hu et al., LoRA, ICLR 2022 (arXiv 2106.09685)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset({"blocks"})
     mergeable = True
     config_class = LoRAConfig
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -190,7 +190,7 @@ class LoRand(Method):
     name = "lorand"
     family = "addition/adapter"
     paper = "Yin et al., 1% VS 100%: Parameter-Efficient Low Rank Adapter for Dense Predictions, CVPR 2023 (arXiv 2303.06233)"
-    backbones = ("swin", "vit")
+    requires = frozenset({"attention", "mlp"})
     config_class = LoRandConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LoRandConfig) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import (
@@ -134,7 +134,7 @@ class LST(Method):
     name = "lst"
     family = "addition/side"
     paper = "Sung et al., LST, NeurIPS 2022 (arXiv 2206.06522)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     config_class = LSTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: LSTConfig) -> None:

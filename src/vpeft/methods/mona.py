@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -198,7 +198,7 @@ class Mona(Method):
     name = "mona"
     family = "addition/adapter"
     paper = "Yin et al., Mona (5%>100%), CVPR 2025 (arXiv 2408.08345)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "token_grid_2d", "attention", "mlp"})
     config_class = MonaConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: MonaConfig) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import Method, MethodConfig, RoutableUpdate, SlicedDeltaWrapper, register, replace_module
@@ -178,7 +178,7 @@ class MTLoRA(Method):
     name = "mtlora"
     family = "partial/reparameterization"
     paper = "Agiza et al., MTLoRA, CVPR 2024 (arXiv 2403.20320)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     mergeable = True
     config_class = MTLoRAConfig
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import (
@@ -184,7 +184,7 @@ class NOAH(Method):
     name = "noah"
     family = "unified"
     paper = "Zhang et al., Neural Prompt Search (NOAH), 2022 (arXiv 2206.04673)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "attention", "mlp"})
     single_run = False
     config_class = NOAHConfig
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import Method, MethodConfig, PrefixSplit, register, token_embedding
@@ -33,7 +33,7 @@ class PartialK(Method):
     name = "partial_k"
     family = "partial/specification"
     paper = "Yosinski et al., NeurIPS 2014; Partial-1 in VPT, ECCV 2022 (arXiv 2203.12119)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset({"blocks"})
     mergeable = True  # the trained parameters are the backbone's own
     config_class = PartialKConfig
 

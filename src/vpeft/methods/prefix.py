@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -119,7 +119,7 @@ class Prefix(Method):
     name = "prefix"
     family = "addition/prefix"
     paper = "Li and Liang, Prefix-Tuning, ACL 2021 (arXiv 2101.00190)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "qkv_fused", "attn_proj"})
     config_class = PrefixConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: PrefixConfig) -> None:

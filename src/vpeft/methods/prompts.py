@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 
 
 def prompt_init_bound(anatomy: Anatomy) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -117,7 +117,7 @@ class RepAdapter(Method):
     name = "repadapter"
     family = "partial/reparameterization"
     paper = "Luo et al., RepAdapter, 2023 (arXiv 2302.08106)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     mergeable = True
     config_class = RepAdapterConfig
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
@@ -96,7 +96,7 @@ class SCT(Method):
     name = "sct"
     family = "addition/adapter"
     paper = "Zhao et al., Salient Channel Tuning (SCT), IJCV 2024 (arXiv 2309.08513)"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = SCTConfig
     stage = Stage("activations", "train", "per-class channel norms of each block's residual stream after attention")
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -140,7 +140,7 @@ class SNF(Method):
     name = "snf"
     family = "addition/adapter"
     paper = "Wang et al., Adapting Shortcut with Normalizing Flow (SNF), CVPR 2023"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic", "attention", "mlp"})
     config_class = SNFConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: SNFConfig) -> None:

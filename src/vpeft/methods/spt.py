@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, NotMergeableError
 from vpeft.methods.base import (
@@ -205,7 +205,7 @@ class SPT(Method):
     """Shared by SPT-LoRA and SPT-Adapter; ``structured`` names the module a sensitive matrix gets."""
 
     family = "unified"
-    backbones = ("vit", "swin")
+    requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     structured = "lora"
     stage = Stage("sensitivity", "train", "squared cross-entropy gradients of every entry over a few batches")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError, NotMergeableError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, backbone_modules, register, replace_module
@@ -204,7 +204,7 @@ class SSF(Method):
     name = "ssf"
     family = "partial/reparameterization"
     paper = "Lian et al., SSF, NeurIPS 2022 (arXiv 2210.08823)"
-    backbones = ("vit", "swin", "cnn")
+    requires = frozenset()
     mergeable = True
     config_class = SSFConfig
 

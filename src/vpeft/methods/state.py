@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy, backbone_identity, describe
+from vpeft.backbones.anatomy import Anatomy, backbone_identity
+from vpeft.backbones.registry import describe
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.methods.base import MethodConfig, StageData, get_method
 

@@ -7,13 +7,13 @@ import re
 
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import backbone_modules, match_pattern
 
 
 def default_targets(anatomy: Anatomy) -> list[str]:
-    if anatomy.family in ("vit", "swin"):
+    if anatomy.parts & {"qkv_fused", "qkv_separate"}:
         return ["q", "v"]
     if all(b.fc1 is not None for b in anatomy.blocks):
         return ["fc1", "fc2"]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -82,7 +82,7 @@ class UTuning(Method):
     name = "utuning"
     family = "unified"
     paper = "Jiang et al., Rethinking Efficient Tuning Methods from a Unified Perspective (U-Tuning), arXiv 2303.00690"
-    backbones = ("vit", "swin")
+    requires = frozenset({"attention", "mlp"})
     config_class = UTuningConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: UTuningConfig) -> None:

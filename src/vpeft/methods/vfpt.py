@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import Method, register, replace_module
@@ -75,7 +75,7 @@ class VFPT(Method):
     name = "vfpt"
     family = "addition/prompt"
     paper = "Zeng et al., Visual Fourier Prompt Tuning, NeurIPS 2024 (arXiv 2411.01327)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     config_class = VFPTConfig
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: VFPTConfig) -> None:

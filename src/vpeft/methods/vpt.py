@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import Anatomy
+from vpeft.backbones.anatomy import Anatomy
 from vpeft.config import option
 from vpeft.errors import ConfigError
 from vpeft.methods.base import BaseLayerWrapper, Method, MethodConfig, register, replace_module
@@ -88,7 +88,7 @@ class PromptedBlock(BaseLayerWrapper):
 class _VPT(Method):
     family = "addition/prompt"
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022 (arXiv 2203.12119)"
-    backbones = ("vit",)
+    requires = frozenset({"tokens", "isotropic"})
     deep = False
 
     def inject(self, model: nn.Module, anatomy: Anatomy, config: VPTShallowConfig) -> None:

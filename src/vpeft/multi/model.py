@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from vpeft.adapter_files import legacy_defaults
-from vpeft.anatomy import describe
 from vpeft.api import apply, get_state, read_adapter_config, save_adapter, trainable_parameters
 from vpeft.api import load_adapter as _load_into
+from vpeft.backbones.registry import describe
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.hub import resolve_adapter
 from vpeft.methods.base import MethodConfig, get_method

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vpeft.api import get_state, make_config
-from vpeft.backbones import create_backbone
+from vpeft.backbones.create import create_backbone
 from vpeft.card import write_model_card
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError

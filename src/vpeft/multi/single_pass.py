@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.anatomy import describe
+from vpeft.backbones.registry import describe
 from vpeft.methods.base import BaseLayerWrapper, replace_module, routes_update
 
 

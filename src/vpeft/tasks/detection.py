@@ -150,7 +150,7 @@ class Detection(TaskType):
 
 def _mini_dense(name: str) -> DetectionData:
     """``mini-dense:detection``: the mini dense suite's canvases as COCO instances (5 classes, masks)."""
-    from vpeft.assets.mini_dense import mini_dense_root
+    from vpeft.data.mini_dense import mini_dense_root
 
     if name != "detection":
         raise ConfigError(

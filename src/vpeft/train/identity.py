@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.api import make_config
-from vpeft.backbones import local_dir_weights
+from vpeft.backbones.create import local_dir_weights
 from vpeft.tasks import DEFAULT_TASK_TYPE, get_task_type
 
 #: RunSpec fields that only choose how a run executes, never its numbers (each path is exact)

@@ -25,7 +25,6 @@ import timm
 import torch
 import yaml
 
-from vpeft.anatomy import describe
 from vpeft.api import apply as apply_method
 from vpeft.api import (
     count_parameters,
@@ -36,7 +35,8 @@ from vpeft.api import (
     read_adapter_config,
     save_adapter,
 )
-from vpeft.backbones import create_backbone
+from vpeft.backbones.create import create_backbone
+from vpeft.backbones.registry import describe
 from vpeft.card import write_model_card
 from vpeft.config import coerce_fields, option
 from vpeft.data import DataError

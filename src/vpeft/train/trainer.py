@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from vpeft.anatomy import describe
 from vpeft.api import get_state
+from vpeft.backbones.registry import describe
 from vpeft.config import coerce_fields, option
 from vpeft.errors import ConfigError, VPeftError
 from vpeft.methods.base import StageData, set_stage_trainer
@@ -224,7 +224,7 @@ def set_train_mode(model: nn.Module) -> None:
 def _is_cnn(model: nn.Module) -> bool:
     state = get_state(model)
     try:
-        return (state.anatomy if state is not None else describe(model)).family == "cnn"
+        return "conv" in (state.anatomy if state is not None else describe(model)).parts
     except VPeftError:  # an architecture the anatomy does not know (a task model): leave its memory format alone
         return False
 

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
-from vpeft.backbones import BackboneError, register_embedded
+from vpeft.backbones.cnn import EFFICIENTNET
+from vpeft.backbones.create import BackboneError
+from vpeft.backbones.registry import BackboneFamily, register_family
+
+NAME = "vpeft/efficientnet-lite0"
 
 
 def weights_path() -> str:
@@ -37,17 +42,31 @@ def convert_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> dic
     return out
 
 
-def create_efficientnet_lite0(num_classes: int, pretrained: bool = True, drop_path_rate: float = 0.0, **kwargs: Any):
-    import timm
-
+def create_efficientnet_lite0(
+    num_classes: int, pretrained: bool = True, drop_path_rate: float = 0.0, **kwargs: Any
+) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with a fresh ``num_classes`` head; ImageNet-1k weights when ``pretrained``."""
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, drop_path_rate=drop_path_rate, **kwargs)
     if pretrained:
         source = torch.load(weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(convert_state_dict(source, model), strict=True)
     model.reset_classifier(num_classes)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": "vpeft/efficientnet-lite0",
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": NAME,
                             "tag": "in1k" if pretrained else "", "num_classes": num_classes}  # fmt: skip
     return model
 
 
-register_embedded("vpeft/efficientnet-lite0", create_efficientnet_lite0)
+def _is_lite0(model: nn.Module) -> bool:
+    return EFFICIENTNET.matches(model) and (getattr(model, "pretrained_cfg", None) or {}).get("architecture") == NAME
+
+
+EFFICIENTNET_LITE0 = register_family(
+    BackboneFamily(
+        name="efficientnet-lite0",
+        matches=_is_lite0,
+        describe=EFFICIENTNET.describe,
+        embedded=(NAME,),
+        create=create_efficientnet_lite0,
+        summary="the embedded EfficientNet-Lite0, vpeft/efficientnet-lite0",
+    )
+)

@@ -3,30 +3,30 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from vpeft.backbones.registry import describe, embedded_factory, embedded_names
 from vpeft.errors import VPeftError
+
+__all__ = [
+    "HUB_PREFIXES",
+    "BackboneError",
+    "create_backbone",
+    "embedded_names",
+    "load_weights_file",
+    "local_dir_weights",
+    "read_state_dict",
+]
 
 
 class BackboneError(VPeftError, ValueError):
     """A model name or weights file cannot be used."""
-
-
-#: embedded backbones by name (``vpeft/...``): factory(num_classes, pretrained, **kwargs) -> model
-_EMBEDDED: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_embedded(name: str, factory: Callable[..., nn.Module]) -> None:
-    _EMBEDDED[name] = factory
-
-
-def embedded_names() -> list[str]:
-    return sorted(_EMBEDDED)
 
 
 def create_backbone(
@@ -43,18 +43,15 @@ def create_backbone(
     ``name``: a timm model name (``vit_base_patch16_224.augreg_in21k``; weights from the hub when
     ``pretrained``), or an embedded backbone (``vpeft/...``). ``pretrained_file``: a local
     ``.safetensors``, ``.pth``/``.bin`` (loaded with ``weights_only=True``) or Google ``.npz``.
+    Embedded names are those a registered backbone family creates (:func:`embedded_names`).
     """
-    import timm
-
     if name.startswith("vpeft/"):
-        import vpeft.assets.efficientnet
-        import vpeft.assets.mini  # noqa: F401  (registers vpeft/vit-mini)
-
-        if name not in _EMBEDDED:
+        factory = embedded_factory(name)
+        if factory is None:
             raise BackboneError(
                 f"unknown embedded backbone '{name}'; available: {', '.join(embedded_names()) or 'none'}"
             )
-        return _EMBEDDED[name](num_classes=num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate, **kwargs)
+        return factory(num_classes=num_classes, pretrained=pretrained, drop_path_rate=drop_path_rate, **kwargs)
     hub_name = name.startswith(HUB_PREFIXES)  # timm resolves these itself (a Hub repo, or a local folder)
     if name.startswith("local-dir:") and not (Path(name.partition(":")[2]) / "config.json").is_file():
         raise BackboneError(
@@ -104,8 +101,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BackboneError(f"weights file '{path}' does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:  # truncated or foreign file
@@ -127,8 +122,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights_file(model: nn.Module, path: str | Path) -> None:
     """Load backbone weights into ``model``, leaving its (new) classifier head as initialised."""
-    from vpeft.anatomy import describe
-
     path = Path(path)
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vpeft.data.datasets import DataError
+from vpeft.data.mini import SPLIT_CODES, suite_arrays
 
 VERSION = 1
 SEED = 20261126
@@ -115,9 +115,7 @@ def _box(mask: np.ndarray) -> list[float]:
 
 def generate(root: Path) -> None:
     """Write the suite into ``root`` (which must not exist)."""
-    from vpeft.assets.mini import SPLIT_CODES, _suite_arrays
-
-    arrays = _suite_arrays()
+    arrays = suite_arrays()
     rng = np.random.default_rng(SEED)
     root.mkdir(parents=True)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
@@ -165,17 +163,3 @@ def mini_dense_root() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def load_mini_dense_segmentation(task: str, num_classes: int | None = None):
-    """``mini-dense:segmentation``: the canvases' class maps (6 classes with background)."""
-    from vpeft.data.segmentation import load_mask_folder
-
-    if task != "segmentation":
-        raise DataError(
-            f"'mini-dense:{task}' is not a segmentation task; the mini dense suite has: "
-            "mini-dense:segmentation (task type segmentation), mini-dense:detection (task type detection)"
-        )
-    seg = load_mask_folder(str(mini_dense_root()), num_classes, kind="mini-dense")
-    seg.name = "mini-seg"
-    return seg
