@@ -2,10 +2,7 @@
 
 A *room* is a subpackage (``vpeft.methods``, ``vpeft.report`` ...) or a top-level module (``vpeft.api``,
 ``vpeft.hub`` ...) of ``src/vpeft``. Every import counts, at module level or inside a function. Each rule
-collects every violation and fails once with all of them.
-
-Rules that fail today only on files other branches own are checked twice: strictly on every other file, and
-as an expected failure on the listed files (the marks go once those branches are merged).
+collects every violation and fails once with all of them. Run it after moving code between rooms.
 """
 
 from __future__ import annotations
@@ -36,26 +33,6 @@ PUBLIC_METHOD_MODULES = {"vpeft.methods", "vpeft.methods.base", "vpeft.methods.t
 
 #: method modules a room may import beyond those: the peft bridge converts LoRA and DoRA layers
 METHOD_MODULES_ALLOWED = {"interop": {"vpeft.methods.lora", "vpeft.methods.dora"}}
-
-#: files owned by the branches being rewritten (trainer, task types, backbones): a rule's violations in them
-#: are expected failures until those branches merge
-PENDING = {
-    "cycles": {"vpeft/assets/efficientnet.py", "vpeft/assets/mini.py", "vpeft/assets/mini_dense.py",
-               "vpeft/backbones.py", "vpeft/data/datasets.py", "vpeft/data/segmentation.py"},
-    "module_cycles": {"vpeft/tasks/base.py", "vpeft/tasks/classification.py", "vpeft/tasks/detection.py",
-                      "vpeft/tasks/segmentation.py", "vpeft/train/identity.py", "vpeft/train/run.py",
-                      "vpeft/train/task_run.py"},
-    "private_names": {"vpeft/multi/run.py", "vpeft/tasks/base.py"},
-    "method_modules": {"vpeft/train/feature_cache.py"},
-    "package_imports": {"vpeft/multi/run.py", "vpeft/train/feature_cache.py", "vpeft/train/identity.py",
-                        "vpeft/train/run.py", "vpeft/train/task_run.py"},
-    "deferred_imports": {"vpeft/assets/mini_dense.py", "vpeft/backbones.py", "vpeft/bench/suites.py",
-                         "vpeft/bench/sweep.py", "vpeft/data/datasets.py", "vpeft/data/segmentation.py",
-                         "vpeft/multi/run.py", "vpeft/tasks/base.py", "vpeft/tasks/classification.py",
-                         "vpeft/tasks/detection.py", "vpeft/tasks/segmentation.py", "vpeft/train/feature_cache.py",
-                         "vpeft/train/identity.py", "vpeft/train/run.py", "vpeft/train/task_run.py",
-                         "vpeft/train/trainer.py"},
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -313,34 +290,16 @@ RULES = {
     "deferred_imports": check_deferred_imports,
 }
 
-_XFAIL = pytest.mark.xfail(strict=False, reason="fixed by the trainer/backbone branches")
-
 
 def _report(rule: str, violations: list[tuple[str, str]]) -> str:
     return f"{len(violations)} violation(s) of rule '{rule}':\n" + "\n".join(m for _, m in violations)
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
-def test_rule_outside_pending_files(rule: str) -> None:
-    """Every rule holds on every file but those listed in PENDING for it."""
-    violations = RULES[rule](PENDING.get(rule, set()))
-    assert not violations, _report(rule, violations)
-
-
-@pytest.mark.parametrize("rule", [pytest.param(rule, marks=_XFAIL) for rule in sorted(RULES)])
-def test_rule_everywhere(rule: str) -> None:
-    """Every rule on every file: fails until the pending files are fixed (see PENDING for the files)."""
+def test_rule_holds_on_every_file(rule: str) -> None:
+    """Every rule holds on every file of the package; the message lists every violation at once."""
     violations = RULES[rule](set())
     assert not violations, _report(rule, violations)
-
-
-@pytest.mark.parametrize("rule", sorted(PENDING))
-def test_pending_lists_only_offenders(rule: str) -> None:
-    """A file leaves PENDING once it is fixed, so the list shows what is left to do."""
-    if rule in ("cycles", "module_cycles"):
-        return  # a cycle is a property of several files together
-    offenders = {file for file, _ in RULES[rule](set())}
-    assert not PENDING[rule] - offenders, f"no longer violate '{rule}': {sorted(PENDING[rule] - offenders)}"
 
 
 def test_analysis_sees_imports() -> None:
@@ -379,14 +338,13 @@ def _functions_calling_backward() -> list[str]:
     for path in sorted(PACKAGE.rglob("*.py")):
         file = path.relative_to(SRC).as_posix()
         if file.startswith("vpeft/methods/"):
-            continue  # a method's own data stage (E2VPT's first training) trains a probe
+            continue  # a method's own data stage differentiates (GPS, SPT: autograd.grad), it never trains
         visitor = _BackwardCalls(file)
         visitor.visit(ast.parse(path.read_text()))
         found |= visitor.found
     return sorted(found)
 
 
-@pytest.mark.xfail(strict=False, reason="pending the trainer merge")
 def test_one_backward_outside_methods() -> None:
     """``.backward(`` is called in exactly one function outside the methods: the trainer's step."""
     functions = _functions_calling_backward()

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from vpeft.data.datasets import DataError
+from vpeft.data.mini import suite_sheet
 from vpeft.errors import ConfigError
 from vpeft.tasks import DEFAULT_TASK_TYPE, task_type_names
 
@@ -63,8 +64,6 @@ def load_suite(name: str, root: str | None = None, tasks: list[str] | None = Non
     if name in LISTED_SUITES:
         return _listed_suite(name, defaults, root, tasks)
     if name == "mini":
-        from vpeft.data.mini import suite_sheet
-
         sheet = suite_sheet()["tasks"]
         all_tasks = [SuiteTask(t, info["group"], f"mini:{t}") for t, info in sheet.items()]
     else:

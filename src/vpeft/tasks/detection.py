@@ -19,6 +19,7 @@ from torch import nn
 
 from vpeft.config import option
 from vpeft.data.detection import DetectionData, DetectionDataset, detection_collate, load_detection
+from vpeft.data.mini_dense import mini_dense_root
 from vpeft.dense.coco_eval import CocoAccumulator
 from vpeft.dense.detection import ARCHITECTURES, build_detector, image_size_of
 from vpeft.dense.encoder import dense_encoder
@@ -150,8 +151,6 @@ class Detection(TaskType):
 
 def _mini_dense(name: str) -> DetectionData:
     """``mini-dense:detection``: the mini dense suite's canvases as COCO instances (5 classes, masks)."""
-    from vpeft.data.mini_dense import mini_dense_root
-
     if name != "detection":
         raise ConfigError(
             f"'mini-dense:{name}' is not a detection task; the mini dense suite has: "
