@@ -349,3 +349,19 @@ def test_one_backward_outside_methods() -> None:
     """``.backward(`` is called in exactly one function outside the methods: the trainer's step."""
     functions = _functions_calling_backward()
     assert len(functions) == 1, f"`.backward(` in {len(functions)} functions:\n" + "\n".join(functions)
+
+
+def test_every_module_imports() -> None:
+    """Every module of the package imports (a module moved between rooms leaves no stale import behind)."""
+    import importlib
+    import pkgutil
+
+    import vpeft
+
+    failed = []
+    for info in pkgutil.walk_packages(vpeft.__path__, "vpeft."):
+        try:
+            importlib.import_module(info.name)
+        except ImportError as exc:
+            failed.append(f"{info.name}: {exc}")
+    assert not failed, "\n".join(failed)

@@ -10,8 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vpeft.assets.mini import suite_sheet
 from vpeft.bench.suites import VTAB1K_GROUPS
+from vpeft.data.mini import suite_sheet
 from vpeft.errors import VPeftError
 from vpeft.files import write_text_atomic
 from vpeft.metrics import ppt
