@@ -50,10 +50,10 @@ def main() -> None:
     torch.set_num_threads(1)
     real = run_mod._train_and_record
 
-    def traced(spec, task, model, identity, key, out_dir, work, **kw):
+    def traced(spec, task_type, options, task, model, identity, key, out_dir, work, **kw):
         with open(trace, "a") as f:
             f.write(f"{Path(out_dir).name} {os.getpid()}\n")
-        return real(spec, task, model, identity, key, out_dir, work, **kw)
+        return real(spec, task_type, options, task, model, identity, key, out_dir, work, **kw)
 
     run_mod._train_and_record = traced
     if len(sys.argv) > 6:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
 
 from datagen import make_vtab_task
 from vpeft.cli import main
+from vpeft.tasks import get_task_type
 from vpeft.train.folders import RunBusyError, RunLock
-
-run_mod = importlib.import_module("vpeft.train.run")
 
 BASE = ["train", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--quiet", "--method", "bitfit",
         "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--drop-path", "0",
@@ -62,7 +60,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_succeeds(task, tmp_path, 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_mod.vpeft, "save_adapter", broken)  # the new run fails at its very end
+    monkeypatch.setattr(get_task_type("classification"), "save", broken)  # the new run fails at its very end
     assert main([*BASE, "--data", f"vtab1k:{task}", "--out", str(out), "--overwrite", "--lr", "1e-4"]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert _snapshot(out) == before, "a failed overwrite changed the old run"
