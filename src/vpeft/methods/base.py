@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vpeft.backbones.anatomy import Anatomy
-from vpeft.config import convert_options
+from vpeft.config import convert_options, option
 from vpeft.data.transforms import input_config
 from vpeft.errors import ConfigError, NotMergeableError, UnknownMethodError, UnsupportedBackboneError, VPeftError
 
@@ -70,6 +70,17 @@ class MethodConfig:
         """Raise :class:`ConfigError` for out-of-range values. Override in subclasses."""
 
 
+@dataclass
+class SelectionConfig(MethodConfig):
+    """Options of a method whose data stage decides what trains (GPS, SPT, SCT): the decision is the
+    ``selection`` option, filled by :meth:`Method.prepare` and saved with the adapter, so a config that
+    holds one is prepared and a loaded adapter needs no data."""
+
+    selection: dict[str, Any] | None = option(
+        None, "decided by the method's data stage and saved with the adapter (set it only to reuse a saved selection)"
+    )
+
+
 class Method:
     """A PEFT method. Subclasses set the class attributes and implement :meth:`inject`."""
 
@@ -93,7 +104,7 @@ class Method:
 
     def prepared(self, config: MethodConfig) -> bool:
         """Whether ``config`` already holds what :attr:`stage` decides (a loaded adapter's config does)."""
-        return True
+        return not isinstance(config, SelectionConfig) or config.selection is not None
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: MethodConfig, data: StageData) -> MethodConfig:
         """Run :attr:`stage` on the unchanged backbone; return ``config`` with its decision filled in.

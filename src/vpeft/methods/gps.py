@@ -34,7 +34,7 @@ from vpeft.data.transforms import input_config
 from vpeft.errors import ConfigError
 from vpeft.methods.base import (
     Method,
-    MethodConfig,
+    SelectionConfig,
     SparseUpdate,
     Stage,
     StageData,
@@ -47,7 +47,7 @@ from vpeft.methods.base import (
 
 
 @dataclass
-class GPSConfig(MethodConfig):
+class GPSConfig(SelectionConfig):
     k: int = option(
         1, "input connections trained per row of every weight matrix (official: 1 on VTAB-1k, 1-20 on FGVC)"
     )
@@ -145,9 +145,6 @@ class GPS(Method):
     mergeable = True
     config_class = GPSConfig
     stage = Stage("gradients", "train", "one pass of supervised-contrastive gradients over the training split")
-
-    def prepared(self, config: GPSConfig) -> bool:
-        return config.selection is not None
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: GPSConfig, data: StageData) -> GPSConfig:
         matrices, _ = layout(model, anatomy)

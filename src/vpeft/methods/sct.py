@@ -30,7 +30,7 @@ from vpeft.errors import ConfigError, UnsupportedBackboneError
 from vpeft.methods.base import (
     BaseLayerWrapper,
     Method,
-    MethodConfig,
+    SelectionConfig,
     Stage,
     StageData,
     register,
@@ -43,7 +43,7 @@ INITS = ("trunc_normal", "zero")
 
 
 @dataclass
-class SCTConfig(MethodConfig):
+class SCTConfig(SelectionConfig):
     channels: int = option(96, "salient channels K per block (the official 96); a narrower block uses all its channels")
     init: str = option("trunc_normal", "the K x K weight: trunc_normal (std 0.02, official) or zero (identity)",
                        choices=INITS)  # fmt: skip
@@ -99,9 +99,6 @@ class SCT(Method):
     requires = frozenset({"attention", "mlp"})
     config_class = SCTConfig
     stage = Stage("activations", "train", "per-class channel norms of each block's residual stream after attention")
-
-    def prepared(self, config: SCTConfig) -> bool:
-        return config.selection is not None
 
     @torch.no_grad()
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: SCTConfig, data: StageData) -> SCTConfig:

@@ -36,7 +36,7 @@ from vpeft.config import option
 from vpeft.errors import ConfigError, NotMergeableError
 from vpeft.methods.base import (
     Method,
-    MethodConfig,
+    SelectionConfig,
     SparseUpdate,
     Stage,
     StageData,
@@ -50,7 +50,7 @@ STRUCTURED = ("lora", "adapter")
 
 
 @dataclass
-class SPTConfig(MethodConfig):
+class SPTConfig(SelectionConfig):
     budget: int = option(400_000, "trainable parameters without head (the official runs sweep 0.2M-1.0M per task)")
     rank: int = option(8, "rank of each LoRA / bottleneck of each Adapter")
     alpha: float = option(10.0, "a matrix gets a LoRA/Adapter when its sensitive entries reach 1/alpha of its size")
@@ -208,9 +208,6 @@ class SPT(Method):
     requires = frozenset({"qkv_fused", "attn_proj", "mlp"})
     structured = "lora"
     stage = Stage("sensitivity", "train", "squared cross-entropy gradients of every entry over a few batches")
-
-    def prepared(self, config: SPTConfig) -> bool:
-        return config.selection is not None
 
     def prepare(self, model: nn.Module, anatomy: Anatomy, config: SPTConfig, data: StageData) -> SPTConfig:
         units = candidates(model, anatomy)
