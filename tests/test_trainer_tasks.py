@@ -55,28 +55,28 @@ def _no_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def classification(seed: int = 0) -> nn.Module:
+def classification(seed: int = 0, ddp: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     return vpeft.apply(make_backbone("vit", seed), "lora", rank=2)
 
 
-def segmentation(seed: int = 0, ddp: bool = False) -> nn.Module:
-    seg = get_task_type("segmentation")
+def _dense(kind: str, num_classes: int, options: dict, seed: int) -> nn.Module:
+    """A dense task model: the ViT without its classifier, LoRA, the task type's head (seeded)."""
+    task_type = get_task_type(kind)
     backbone = make_backbone("vit", seed)
     backbone.reset_classifier(0)
     vpeft.apply(backbone, "lora", rank=2)
     torch.manual_seed(seed)
-    model = seg.build(backbone, 6, seg.options(SEG_OPTIONS))
+    return task_type.build(backbone, num_classes, task_type.options(options))
+
+
+def segmentation(seed: int = 0, ddp: bool = False) -> nn.Module:
+    model = _dense("segmentation", 6, SEG_OPTIONS, seed)
     return _no_batchnorm(model) if ddp else model
 
 
 def detection(seed: int = 0, ddp: bool = False) -> nn.Module:
-    det = get_task_type("detection")
-    backbone = make_backbone("vit", seed)
-    backbone.reset_classifier(0)
-    vpeft.apply(backbone, "lora", rank=2)
-    torch.manual_seed(seed)
-    return det.build(backbone, 5, det.options(DET_OPTIONS))
+    return _dense("detection", 5, DET_OPTIONS, seed)
 
 
 def multitask(seed: int = 0, ddp: bool = False) -> nn.Module:
@@ -163,7 +163,7 @@ def _rank_main(rank: int, kind: str, port: int, out: str) -> None:
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
     c = case(kind)
-    model = BUILDERS[kind](ddp=True) if kind != "classification" else c.model()
+    model = BUILDERS[kind](ddp=True)
     try:
         _trainer(c, model, _cfg()).fit(c.train_set)
         torch.save(_weights(model), os.path.join(out, f"rank{rank}.pt"))
@@ -182,7 +182,7 @@ def test_two_processes_equal_one(kind: str, tmp_path) -> None:
         # FCOS normalises its loss by the foreground count of each rank's half batch, so the averaged gradient
         # of two ranks is not the whole batch's; the replicas still train and agree (checked above)
         return
-    single = BUILDERS[kind](ddp=True) if kind != "classification" else c.model()
+    single = BUILDERS[kind](ddp=True)
     _trainer(c, single, _cfg()).fit(c.train_set)
     for name, value in _weights(single).items():
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
