@@ -68,6 +68,7 @@ from vpeft.train.trainer import (
     TrainingDivergedError,
     distributed_from_env,
     resolve_device,
+    trainable,
 )
 from vpeft.version import __version__
 
@@ -425,7 +426,7 @@ def _train_and_record(
     num_classes = spec.num_classes or task.num_classes
     started = time.time()
     stage = {"stage_seconds": 0.0}
-    if get_state(model) is None and not any(get_state(m) for m in model.modules()):  # a data stage comes first
+    if needs_stage(spec):  # build_model left the method for its data stage: it reads the training split first
         stage = prepare_model(spec, task, model, train_set)
         model = task_type.build(model, num_classes, options)
     trainer = Trainer(model, spec.train, work, progress=progress, on_epoch=on_epoch, task_type=task_type,
@@ -509,7 +510,7 @@ def record_base(spec: RunSpec, task: Any, model: torch.nn.Module, task_type: Tas
         weights["file"] = spec.pretrained_file
         weights["file_sha256"] = (file_sha256(spec.pretrained_file) or "")[:16]  # hashed once, for the run key
     method_params = count_trainable(backbone, include_head=False)
-    with_head = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with_head = sum(p.numel() for p in trainable(model).values())
     return {
         "record_version": RECORD_VERSION,
         "method": spec.method,
